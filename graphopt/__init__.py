@@ -1,9 +1,25 @@
-"""graphopt: plugin-based compiler passes on torch.fx graphs, lowered through TVM to CPUs."""
+"""graphopt: plugin-based compiler passes on torch.fx graphs, lowered through TVM to CPUs.
+
+Example:
+    >>> import torch, graphopt
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    >>> opt = graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=(torch.randn(1, 1, 8, 8),))
+    >>> opt.report["fuse_conv_bn"].nodes_removed
+    ['_1']
+"""
+from .analysis.graphview import to_networkx
+from .analysis.metrics import count_macs, count_params, model_bytes, register_macs
+from .api import DEFAULT_PASSES, OptimizedModel, optimize
+from .capture import capture
+from .context import PassContext
 from .errors import (
     ArtifactError, CaptureError, GraphoptError, InputShapeError, InvalidModelError,
     MissingInputError, PassFailedError, PassOptionError, PassOrderError, TargetError,
     UnknownNameError,
 )
+from .manager import PassInstrument, PassManager, PassResult
+from .pass_registry import Option, PassSpec, get_pass, list_passes, register_pass
+from .report.record import PassRecord, Report
 from .target_registry import get_target, list_targets, register_target
 
 __version__ = "0.1.0"

@@ -1,0 +1,151 @@
+"""``graphopt.optimize``: the one entry point: capture, passes, report, and optionally compile."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+
+from .capture import capture, normalize_inputs
+from .context import PassContext, default_progress, no_progress
+from .errors import InputShapeError, MissingInputError
+from .manager import PassManager
+from .pass_registry import PassItem
+from .report.instrument import ReportInstrument
+from .report.record import Report
+from .target_registry import get_target
+
+log = logging.getLogger("graphopt")
+
+#: Passes run when the caller names none: exact ones only, so accuracy cannot change.
+DEFAULT_PASSES: Tuple[str, ...] = ("fuse_conv_bn", "dce")
+
+
+class OptimizedModel:
+    """The result of ``optimize``: the optimized graph, its report, and the compiled artifact.
+
+    Calling it runs the compiled model when there is one (same input and output kinds as the
+    original), else the optimized GraphModule.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, compiled: Any = None):
+        self.graph_module = graph_module
+        self.report = report
+        self.compiled = compiled
+
+    def __call__(self, *inputs):
+        if self.compiled is not None:
+            return self.compiled(*inputs)
+        with torch.no_grad():
+            return self.graph_module(*inputs)
+
+    def __repr__(self) -> str:
+        target = self.report.target or "torch"
+        return f"<OptimizedModel {self.report.model} [{', '.join(r.name for r in self.report.records)}] on {target}>"
+
+
+def normalize_batches(data: Optional[Iterable[Any]], n_inputs: int) -> Optional[List[Tuple[torch.Tensor, ...]]]:
+    """Calibration data to a list of input tuples; (images, labels) pairs keep only the inputs."""
+    if data is None:
+        return None
+    if isinstance(data, torch.Tensor):
+        raise InputShapeError("calibration_data must be an iterable of batches (e.g. a list of tensors "
+                              "or a DataLoader), not a single tensor: wrap it as [tensor]")
+    batches = []
+    for i, b in enumerate(data):
+        if isinstance(b, torch.Tensor):
+            b = (b,)
+        if not isinstance(b, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in b[:n_inputs]):
+            raise InputShapeError(f"calibration batch {i} is a {type(b).__name__}: each batch must be a tensor "
+                                  "or a tuple of tensors, one per model input")
+        batches.append(tuple(b[:n_inputs]))
+    if not batches:
+        raise MissingInputError("calibration_data is empty: give at least one batch")
+    return batches
+
+
+def check_batches(batches: Sequence[Tuple[torch.Tensor, ...]], example: Tuple[torch.Tensor, ...]) -> None:
+    """Every batch must match the example inputs in all but the batch dimension."""
+    for i, b in enumerate(batches):
+        for j, (t, e) in enumerate(zip(b, example)):
+            if t.shape[1:] != e.shape[1:] or t.dtype != e.dtype:
+                raise InputShapeError(
+                    f"calibration batch {i}, input {j}: shape {tuple(t.shape)} {t.dtype} does not match the "
+                    f"example input {tuple(e.shape)} {e.dtype} (only the batch dimension may differ)")
+        if len(b) != len(example):
+            raise InputShapeError(f"calibration batch {i} has {len(b)} inputs, the model takes {len(example)}")
+
+
+def optimize(
+    model: torch.nn.Module,
+    passes: Optional[Sequence[PassItem]] = None,
+    target: Union[str, Any, None] = None,
+    *,
+    example_inputs: Any = None,
+    calibration_data: Optional[Iterable[Any]] = None,
+    eval_fn: Optional[Callable[[Any], float]] = None,
+    tune_trials: Optional[int] = None,
+    on_error: str = "rollback",
+    leaf_modules: Sequence[Union[str, type]] = (),
+    concrete_args: Optional[Dict[str, Any]] = None,
+    tolerances: Optional[Dict[str, float]] = None,
+    exact_tolerance: float = 1e-4,
+    measure_latency: Optional[bool] = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> OptimizedModel:
+    """Capture ``model``, run ``passes`` with checks and a diff report, and compile for ``target``.
+
+    Args:
+        model: any traceable ``nn.Module``; it is copied, never modified.
+        passes: names, ``(name, {options})`` pairs or pass functions; None runs the exact
+            ``DEFAULT_PASSES``.
+        target: a target name (see ``graphopt.list_targets()``) or Target; None: no compile.
+        example_inputs: a tensor or tuple of tensors; defaults to the first calibration batch.
+        calibration_data: iterable of batches (tensor, or tuple of tensors), any batch size.
+        eval_fn: ``eval_fn(model) -> float`` (e.g. accuracy), reported before/after each pass.
+        tune_trials: MetaSchedule trials for the target (None or 0: default schedules).
+        on_error: "rollback", "stop" or "raise" (see PassManager).
+        leaf_modules, concrete_args: tracing controls (see the CaptureError message).
+        tolerances: per-pass relative error tolerances, overriding the declared ones.
+        measure_latency: time every applied pass on the target (default: when a target is given).
+
+    Example:
+        >>> import torch, graphopt
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8).eval(), torch.nn.ReLU())
+        >>> opt = graphopt.optimize(m, example_inputs=(torch.randn(1, 3, 16, 16),))
+        >>> [r.status for r in opt.report.records]
+        ['applied', 'no-op']
+    """
+    tgt = get_target(target) if target is not None else None
+    if tune_trials is not None and (not isinstance(tune_trials, int) or tune_trials < 0):
+        raise ValueError(f"tune_trials must be a non-negative int or None, got {tune_trials!r}")
+    manager_args = dict(on_error=on_error, exact_tolerance=exact_tolerance, tolerances=tolerances, log=log)
+    pipeline = list(DEFAULT_PASSES if passes is None else passes)
+    if example_inputs is None and calibration_data is None:
+        raise MissingInputError(
+            "optimize needs example_inputs to trace the model, propagate shapes and check numerics: "
+            "pass example_inputs=(torch.randn(1, 3, 224, 224),) shaped like the model's inputs")
+    n_inputs = len(normalize_inputs(example_inputs)) if example_inputs is not None else 1_000_000
+    batches = normalize_batches(calibration_data, n_inputs)
+    example = normalize_inputs(example_inputs) if example_inputs is not None else batches[0]
+    if batches is not None:
+        check_batches(batches, example)
+    bar = default_progress if progress else no_progress
+    ctx = PassContext(example_inputs=example, calibration_data=batches, eval_fn=eval_fn, target=tgt,
+                      seed=seed, logger=log, progress=bar)
+    # everything that can be validated is validated before the (possibly slow) capture
+    reporter = ReportInstrument(type(model).__name__, getattr(tgt, "name", None))
+    manager = PassManager(pipeline, instruments=[reporter], **manager_args)
+    manager.check_needs(ctx)
+    gm = capture(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if tgt is not None and (measure_latency or measure_latency is None) and hasattr(tgt, "measure_latency"):
+        reporter.latency_fn = lambda g: tgt.measure_latency(g, example)
+    ctx.original = gm
+    final = manager.run(gm, ctx)
+    compiled = None
+    if tgt is not None:
+        compiled = tgt.compile(final, example, tune_trials=tune_trials, progress=bar, log=log)
+        reporter.report.compile = getattr(compiled, "summary", lambda: None)()
+    return OptimizedModel(final, reporter.report, compiled)

@@ -1,0 +1,155 @@
+"""Capture: the user's nn.Module to a shape-annotated torch.fx GraphModule, or a clear CaptureError.
+
+The user's model is deep-copied first and the copy is put in eval mode: graphopt optimizes
+for inference, and no pass may touch the caller's object.
+"""
+from __future__ import annotations
+
+import copy
+import linecache
+import os
+import traceback
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+
+from .analysis.shapes import propagate_shapes
+from .errors import CaptureError, InputShapeError, InvalidModelError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _PathTracer(fx.Tracer):
+    """A symbolic tracer that knows which submodule it is inside, and extra leaf modules."""
+
+    def __init__(self, leaf_modules: Iterable[Union[str, type]] = ()):
+        super().__init__()
+        leaves = list(leaf_modules)
+        self._leaf_names = {x for x in leaves if isinstance(x, str)}
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._inside: List[Tuple[str, str]] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self._inside.append((qualname, type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._inside.pop()
+
+
+def _user_frame(tb) -> Optional[traceback.FrameSummary]:
+    """The innermost traceback frame that is not inside torch: the user's line."""
+    frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in frames if os.path.basename(os.path.dirname(f.filename)) != "graphopt"
+              or "tests" in f.filename]
+    return frames[-1] if frames else None
+
+
+def _explain(e: Exception) -> str:
+    text = str(e)
+    if "control flow" in text or "bool" in text.lower():
+        return "data-dependent control flow (an `if`/`while` on a tensor value) cannot be traced"
+    if "iterate" in text or "len(" in text:
+        return "iterating over or taking len() of a traced tensor cannot be traced"
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def trace(
+    model: torch.nn.Module,
+    *,
+    leaf_modules: Sequence[Union[str, type]] = (),
+    concrete_args: Optional[Dict[str, Any]] = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` (not copied here) or raise CaptureError naming module and line."""
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:  # any tracing failure becomes one actionable error
+        frame = _user_frame(e.__traceback__)
+        where = f"{frame.filename}:{frame.lineno}" if frame else "an unknown line"
+        code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip() if frame else ""
+        if tracer._inside:
+            qual, cls = tracer._inside[-1]
+            module = f"module `{qual or '<root>'}` ({cls})"
+            leaf_hint = f"leaf_modules=[{qual!r}]" if qual else "leaf_modules=[...]"
+        else:
+            module = f"module `<root>` ({type(model).__name__})"
+            leaf_hint = "leaf_modules=['name.of.submodule']"
+        raise CaptureError(
+            f"cannot trace {module} at {where}: `{code}`\n"
+            f"  why: {_explain(e)}\n"
+            f"  what to do: keep that submodule opaque with {leaf_hint} (graphopt then leaves it "
+            f"untouched), or fix the value that drives the branch with concrete_args={{'flag': True}}, "
+            f"or rewrite the line without tensor-dependent Python control flow."
+        ) from e
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """NaN/Inf in parameters or buffers makes every numeric check meaningless: refuse early."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise InvalidModelError(
+                    f"{kind} `{n}` holds {bad} NaN/Inf value(s) of {t.numel()}: fix or retrain the "
+                    f"model before optimizing (graphopt cannot check numerics against NaN outputs)."
+                )
+
+
+def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
+    """Accept one tensor or a tuple/list of tensors."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise InputShapeError(
+        "example_inputs must be a tensor or a tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),); "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _describe(inputs: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Tuple[torch.Tensor, ...],
+    *,
+    leaf_modules: Sequence[Union[str, type]] = (),
+    concrete_args: Optional[Dict[str, Any]] = None,
+) -> fx.GraphModule:
+    """Copy, check, trace and shape-annotate ``model``.
+
+    Example:
+        >>> import torch, graphopt.capture as c
+        >>> gm = c.capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()),
+        ...                (torch.randn(1, 3, 8, 8),))
+        >>> [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.op == "call_module"][0]
+        torch.Size([1, 4, 6, 6])
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"graphopt optimizes torch.nn.Module objects, got {type(model).__name__}")
+    check_finite_weights(model)
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        try:
+            model(*example_inputs)
+        except Exception as e:
+            raise InputShapeError(
+                f"the model fails on example_inputs of shape {_describe(example_inputs)}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                "Pass inputs shaped and typed as the model's forward() expects."
+            ) from e
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    propagate_shapes(gm, example_inputs)
+    return gm

@@ -1,0 +1,80 @@
+"""What a pass may read besides the graph: data, the target, a logger, progress bars."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import MissingInputError
+
+log = logging.getLogger("graphopt")
+
+
+def default_progress(iterable: Optional[Iterable] = None, **kwargs):
+    """A tqdm bar on stderr, silent when stderr is not a terminal unless forced."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("disable", not sys.stderr.isatty())
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, **kwargs)
+
+
+def no_progress(iterable: Optional[Iterable] = None, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=True, **kwargs)
+
+
+_NEEDS_HELP = {
+    "example_inputs": "pass example_inputs=(torch.randn(1, 3, 224, 224),) shaped like the model's inputs",
+    "calibration_data": "pass calibration_data=[batch, ...] (tensors, or tuples of tensors for several inputs)",
+    "eval_fn": "pass eval_fn=lambda model: accuracy_of(model) returning a float (higher is better)",
+    "target": "pass target='x86' or target='arm' (see `graphopt targets`)",
+}
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Shared, read-mostly state of one pipeline run.
+
+    Attributes:
+        example_inputs: inputs the model is traced, shape-propagated and checked with.
+        calibration_data: a list of input batches, each a tuple of tensors.
+        eval_fn: ``eval_fn(model) -> float``, higher is better (e.g. accuracy).
+        target: the resolved target object, or None.
+        original: the captured model before any pass (never modified).
+        reference: the model before the first lossy pass ran: the teacher for recovery passes.
+        seed: seed for passes that sample.
+        progress: progress-bar factory with tqdm's signature.
+        messages: what the running pass reported with ``note()``; read by the report.
+    """
+
+    example_inputs: Tuple[torch.Tensor, ...] = ()
+    calibration_data: Optional[List[Tuple[torch.Tensor, ...]]] = None
+    eval_fn: Optional[Callable[[Any], float]] = None
+    target: Any = None
+    original: Optional[torch.fx.GraphModule] = None
+    reference: Optional[torch.fx.GraphModule] = None
+    seed: int = 0
+    logger: logging.Logger = log
+    progress: Callable = default_progress
+    messages: List[str] = dataclasses.field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        """Record a message for the current pass's report entry (e.g. why a layer was skipped)."""
+        self.messages.append(message)
+        self.logger.info(message)
+
+    def require(self, needs: Sequence[str], who: str) -> None:
+        """Raise MissingInputError naming what ``who`` needs and how to give it."""
+        missing = [n for n in needs if not getattr(self, n)]
+        if missing:
+            how = "; ".join(_NEEDS_HELP[n] for n in missing)
+            raise MissingInputError(f"{who} needs {', '.join(missing)}: {how}.")
+
+    def data_batches(self) -> List[Tuple[torch.Tensor, ...]]:
+        """Calibration batches when given, else the example inputs as one batch."""
+        return list(self.calibration_data) if self.calibration_data else [tuple(self.example_inputs)]

@@ -1,0 +1,77 @@
+"""The report as a compact terminal table."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from .record import Report
+
+
+def human(n: Optional[float], unit: str = "") -> str:
+    """12345678 -> '12.3M'."""
+    if n is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}{unit}"
+    return f"{n:.4g}{unit}"
+
+
+def change(before: Optional[float], after: Optional[float], unit: str = "") -> str:
+    if before is None or after is None:
+        return "-"
+    if before == after:
+        return human(after, unit)
+    pct = f" ({(after - before) / before:+.0%})" if before else ""
+    return f"{human(after, unit)}{pct}"
+
+
+def _acc(before: Optional[float], after: Optional[float]) -> str:
+    if after is None:
+        return "-"
+    return f"{after:.4f}" + (f" ({after - before:+.4f})" if before is not None else "")
+
+
+def _table(rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def render_text(report: Report, diffs: bool = False) -> str:
+    o = report.original
+    head = (f"graphopt report: {report.model}" + (f" -> {report.target}" if report.target else "")
+            + f"\noriginal: {human(o.params)} params, {human(o.macs)} MACs, {human(o.bytes, 'B')}"
+            + (f", accuracy {o.accuracy:.4f}" if o.accuracy is not None else "")
+            + (f", latency {o.latency_ms:.3g} ms" if o.latency_ms is not None else ""))
+    rows = [["#", "pass", "status", "time", "nodes +/-/~", "params", "MACs", "size",
+             "rel err", "accuracy", "latency"]]
+    for i, r in enumerate(report.records, 1):
+        rows.append([
+            str(i), r.name, r.status, f"{r.seconds:.2f}s",
+            f"+{len(r.nodes_added)}/-{len(r.nodes_removed)}/~{len(r.nodes_changed)}",
+            change(r.params_before, r.params_after), change(r.macs_before, r.macs_after),
+            change(r.bytes_before, r.bytes_after, "B"),
+            f"{r.rel_error:.2g}" if r.rel_error is not None else "-",
+            _acc(r.accuracy_before, r.accuracy_after),
+            change(r.latency_ms_before, r.latency_ms_after, "ms") if r.latency_ms_after else "-",
+        ])
+    lines = [head, ""] + _table(rows)
+    for i, r in enumerate(report.records, 1):
+        notes = ([f"rolled back: {r.reason}"] if r.status in ("rolled back", "failed") else []) + r.messages
+        if r.status == "skipped":
+            notes = [r.reason]
+        if notes or (diffs and r.code_diff):
+            lines.append(f"\n[{i}] {r.name}")
+            lines += [f"  - {m}" for m in notes]
+            if diffs and r.code_diff:
+                lines += ["  " + line for line in r.code_diff.splitlines()]
+    if report.compile:
+        c = report.compile
+        lines.append("\ncompiled: " + ", ".join(f"{k}={v}" for k, v in c.items() if not isinstance(v, (dict, list))))
+    f = report.final
+    if f is not None:
+        lines.append(f"\nfinal: {change(o.params, f.params)} params, {change(o.macs, f.macs)} MACs, "
+                     f"{change(o.bytes, f.bytes, 'B')}"
+                     + (f", accuracy {f.accuracy:.4f}" if f.accuracy is not None else ""))
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ for inference, and no pass may touch the caller's object.
 from __future__ import annotations
 
 import copy
+import inspect
 import linecache
 import os
 import traceback
@@ -29,6 +30,7 @@ class _PathTracer(fx.Tracer):
         self._leaf_names = {x for x in leaves if isinstance(x, str)}
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._inside: List[Tuple[str, str]] = []
+        self.failed_in: Optional[Tuple[str, str]] = None  # innermost module when tracing failed
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -40,6 +42,10 @@ class _PathTracer(fx.Tracer):
         self._inside.append((qualname, type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self._inside[-1]
+            raise
         finally:
             self._inside.pop()
 
@@ -75,8 +81,8 @@ def trace(
         frame = _user_frame(e.__traceback__)
         where = f"{frame.filename}:{frame.lineno}" if frame else "an unknown line"
         code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip() if frame else ""
-        if tracer._inside:
-            qual, cls = tracer._inside[-1]
+        if tracer.failed_in:
+            qual, cls = tracer.failed_in
             module = f"module `{qual or '<root>'}` ({cls})"
             leaf_hint = f"leaf_modules=[{qual!r}]" if qual else "leaf_modules=[...]"
         else:
@@ -89,8 +95,27 @@ def trace(
             f"untouched), or fix the value that drives the branch with concrete_args={{'flag': True}}, "
             f"or rewrite the line without tensor-dependent Python control flow."
         ) from e
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    if concrete_args:
+        _bake_concrete_args(graph, concrete_args, list(inspect.signature(model.forward).parameters))
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _bake_concrete_args(graph: fx.Graph, concrete_args: Dict[str, Any], params: List[str]) -> None:
+    """fx keeps a placeholder (and a runtime assert) per non-tensor concrete arg; inline the value
+    instead, so the graph takes exactly the tensor inputs and later passes and lowering see constants."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(params, placeholders):  # fx may rename them (double -> double_1)
+        if name in concrete_args:
+            value = concrete_args[name]
+            if isinstance(value, (bool, int, float, str, type(None))):
+                node.replace_all_uses_with(value)
+                graph.erase_node(node)
+    for node in list(graph.nodes):
+        cond = node.args[0] if node.target is torch._assert and node.args else None
+        if isinstance(cond, fx.Node) and cond.op == "call_function" and not cond.all_input_nodes:
+            if cond.target(*cond.args, **cond.kwargs):
+                graph.erase_node(node)
+                graph.erase_node(cond)
 
 
 def check_finite_weights(model: torch.nn.Module) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -83,7 +84,7 @@ class Report:
         raise KeyError(f"no pass {name!r} in this report; passes: {[r.name for r in self.records]}")
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = _finite(dataclasses.asdict(self))
         d["schema_version"] = SCHEMA_VERSION
         return d
 
@@ -112,6 +113,17 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and Inf (e.g. the error of a rolled-back pass that changed shapes) become null: valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,0 +1,177 @@
+"""The ``graphopt`` command line: optimize, passes, targets, demo."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import GraphoptError
+from .pass_registry import get_pass, list_passes, parse_pass_string
+from .target_registry import list_targets
+
+#: The demo's pipeline, in order of preference; passes not installed are left out (and said so).
+DEMO_PASSES = ("fuse_conv_bn", ("prune_channels", {"ratio": 0.5}), "distill",
+               "separable_conv", "quantize", "dce")
+
+
+def load_model(spec: str, weights: Optional[str] = None) -> torch.nn.Module:
+    """``path/to/file.py:factory`` or ``package.module:factory`` to a model instance."""
+    if ":" not in spec:
+        raise GraphoptError(f"MODEL must look like path/to/file.py:factory or package.module:factory, got {spec!r}")
+    where, attr = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise GraphoptError(f"no such file: {where}")
+        mod_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    if not hasattr(module, attr):
+        raise GraphoptError(f"{where} has no attribute {attr!r}")
+    model = getattr(module, attr)()
+    if not isinstance(model, torch.nn.Module):
+        raise GraphoptError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model
+
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise GraphoptError(f"--input-shape must be comma-separated integers like 1,3,224,224, got {text!r}")
+
+
+def _write_outputs(opt, args) -> None:
+    if args.report:
+        (opt.report.to_html if not args.report.endswith(".json") else opt.report.to_json)(args.report)
+        print(f"report written to {args.report}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        opt.report.to_json(os.path.join(args.out, "report.json"))
+        opt.report.to_html(os.path.join(args.out, "report.html"))
+        torch.save(opt.graph_module, os.path.join(args.out, "graph_module.pt"))
+        if opt.compiled is not None:
+            opt.compiled.save(os.path.join(args.out, "compiled"))
+        print(f"results written to {args.out}/")
+
+
+def cmd_optimize(args) -> int:
+    import graphopt
+
+    model = load_model(args.model, args.weights)
+    inputs = tuple(torch.randn(*parse_shape(s)) for s in args.input_shape)
+    passes = parse_pass_string(args.passes) if args.passes else None
+    opt = graphopt.optimize(model, passes, args.target, example_inputs=inputs, tune_trials=args.tune_trials,
+                            on_error=args.on_error)
+    print(opt.report.to_text(diffs=args.diff))
+    _write_outputs(opt, args)
+    return 0
+
+
+def cmd_passes(args) -> int:
+    for name in list_passes():
+        spec = get_pass(name)
+        kind = "exact" if spec.exact else "lossy"
+        print(f"{name} ({kind}): {spec.description}")
+        for k, o in spec.options.items():
+            choices = f" one of {list(o.choices)}" if o.choices else ""
+            print(f"    {k}={o.default!r}{choices}  {o.help}")
+        if spec.needs:
+            print(f"    needs: {', '.join(spec.needs)}")
+    return 0
+
+
+def cmd_targets(args) -> int:
+    import graphopt
+
+    for name in list_targets():
+        t = graphopt.get_target(name)
+        print(f"{name}: {getattr(t, 'description', '') or t!r}")
+    return 0
+
+
+def demo_pipeline(available: Sequence[str]) -> Tuple[List, List[str]]:
+    chosen, missing = [], []
+    for item in DEMO_PASSES:
+        name = item[0] if isinstance(item, tuple) else item
+        (chosen if name in available else missing).append(item if name in available else name)
+    return chosen, missing
+
+
+def cmd_demo(args) -> int:
+    import graphopt
+    from .data.fashion_mnist import calibration_batches
+    from .models import default_example_inputs, evaluate_accuracy, load_default_model
+
+    model = load_default_model()
+    passes, missing = demo_pipeline(list_passes())
+    if missing:
+        print(f"(not installed, left out of the demo: {', '.join(missing)})")
+    limit = args.eval_images
+
+    def eval_fn(m):
+        return evaluate_accuracy(m, limit=limit)
+
+    print(f"graphopt demo: the bundled Fashion-MNIST CNN, accuracy on {limit} real test images per pass")
+    opt = graphopt.optimize(model, passes, args.target, example_inputs=default_example_inputs(),
+                            calibration_data=calibration_batches(8, 64), eval_fn=eval_fn,
+                            tune_trials=args.tune_trials)
+    print(opt.report.to_text(diffs=args.diff))
+    _write_outputs(opt, args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphopt", description="Optimize PyTorch models with checked compiler passes.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every pass")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_common(sp):
+        sp.add_argument("--target", default=None, help="compile for this target (see `graphopt targets`)")
+        sp.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (0: no tuning)")
+        sp.add_argument("--report", help="write the report here (.html, or .json)")
+        sp.add_argument("--out", help="directory for report.json, report.html, graph_module.pt and the artifact")
+        sp.add_argument("--diff", action="store_true", help="print each pass's code diff")
+
+    o = sub.add_parser("optimize", help="optimize a model given as file.py:factory or module:factory")
+    o.add_argument("model")
+    o.add_argument("--input-shape", action="append", required=True, help="e.g. 1,3,224,224 (repeat per input)")
+    o.add_argument("--passes", help="e.g. fuse_conv_bn,prune_channels:ratio=0.5 (default: exact passes)")
+    o.add_argument("--weights", help="state_dict file, loaded with torch.load(weights_only=True)")
+    o.add_argument("--on-error", default="rollback", choices=["rollback", "stop", "raise"])
+    add_common(o)
+    o.set_defaults(fn=cmd_optimize)
+
+    sub.add_parser("passes", help="list registered passes and their options").set_defaults(fn=cmd_passes)
+    sub.add_parser("targets", help="list registered targets").set_defaults(fn=cmd_targets)
+
+    d = sub.add_parser("demo", help="run the main pipeline on the bundled Fashion-MNIST model")
+    d.add_argument("--eval-images", type=int, default=2000, help="test images used for accuracy per pass")
+    add_common(d)
+    d.set_defaults(fn=cmd_demo, report="graphopt-demo-report.html")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except GraphoptError as e:
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -166,6 +166,8 @@ def capture(
         raise CaptureError(f"graphopt optimizes torch.nn.Module objects, got {type(model).__name__}")
     check_finite_weights(model)
     model = copy.deepcopy(model).eval()
+    if fx.Tracer().is_leaf_module(model, ""):
+        model = torch.nn.Sequential(model)  # a bare torch.nn layer: trace it as a call, not its internals
     with torch.no_grad():
         try:
             model(*example_inputs)

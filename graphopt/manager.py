@@ -18,12 +18,14 @@ import torch.fx as fx
 from .analysis.diff import GraphDiff, diff_graphs
 from .analysis.shapes import propagate_shapes
 from .context import PassContext
-from .errors import PassFailedError, PassOrderError, PassOptionError
+from .errors import InputShapeError, MissingInputError, PassFailedError, PassOptionError, PassOrderError
 from .numerics import OutputError, compare, run
 from .pass_registry import PassItem, PassSpec, resolve_pass_item
 
 ON_ERROR = ("rollback", "stop", "raise")
 APPLIED, NOOP, ROLLED_BACK, FAILED, SKIPPED = "applied", "no-op", "rolled back", "failed", "skipped"
+#: Errors that are the caller's to fix: raised whatever on_error says, since rollback cannot help.
+USER_ERRORS = (PassOptionError, MissingInputError, InputShapeError)
 
 
 @dataclasses.dataclass
@@ -137,9 +139,16 @@ class PassManager:
         for step in self.steps:
             ctx.require(step.spec.needs, f"pass {step.spec.name!r}")
 
+    def validate(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Each pass's own check of its options against this model, before any pass runs."""
+        self.check_needs(ctx)
+        for step in self.steps:
+            if step.spec.validate is not None:
+                step.spec.validate(gm, ctx, **step.options)
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         """Run every pass on copies of ``gm``; ``gm`` itself is never modified."""
-        self.check_needs(ctx)
+        self.validate(gm, ctx)
         ctx.original = ctx.original or gm
         original_out = run(ctx.original, ctx.example_inputs)
         current, current_out = gm, run(gm, ctx.example_inputs)
@@ -203,6 +212,8 @@ class PassManager:
             candidate.recompile()
             propagate_shapes(candidate, ctx.example_inputs)
             out = run(candidate, ctx.example_inputs)
+        except USER_ERRORS:
+            raise
         except Exception as e:  # a plugin may raise anything: record it, never crash the pipeline
             result.seconds = result.seconds or time.perf_counter() - t0
             result.reason = f"{type(e).__name__}: {e}"

@@ -98,6 +98,7 @@ class PassSpec:
     runs_after: Tuple[str, ...] = ()
     runs_before: Tuple[str, ...] = ()
     needs: Tuple[str, ...] = ()
+    validate: Optional[Callable[..., None]] = None
 
     def resolve_options(self, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         """Validate caller options against the declared ones and fill in defaults."""
@@ -135,6 +136,7 @@ def register_pass(
     runs_after: Sequence[str] = (),
     runs_before: Sequence[str] = (),
     needs: Sequence[str] = (),
+    validate: Optional[Callable[..., None]] = None,
 ):
     """Declare a pass. Works on functions and on classes.
 
@@ -148,6 +150,9 @@ def register_pass(
         max_accuracy_drop: lossy passes: rolled back when ``eval_fn`` drops more than this.
         runs_after / runs_before: ordering constraints by pass name.
         needs: context entries the pass requires (see ``KNOWN_NEEDS``).
+        validate: ``validate(gm, ctx, **options)``, called on the captured graph before any pass
+            runs; raises PassOptionError for options that do not fit the model (e.g. a layer
+            name it does not have), so bad input fails before anything runs.
 
     Example:
         >>> import graphopt
@@ -175,6 +180,7 @@ def register_pass(
             runs_after=tuple(runs_after),
             runs_before=tuple(runs_before),
             needs=tuple(needs),
+            validate=validate,
         )
         PASSES.add(name, spec, origin=origin_of(fn))
         fn.graphopt_pass = spec

@@ -218,3 +218,36 @@ def test_eval_fn_gives_accuracy_per_pass():
     opt = graphopt.optimize(small(), example_inputs=X, eval_fn=eval_fn)
     assert all(r.accuracy_before == 0.5 and r.accuracy_after == 0.5 for r in opt.report.records)
     assert opt.report.original.accuracy == 0.5 and opt.report.final.accuracy == 0.5
+
+
+def _reject_layer(gm, ctx, layer):
+    if layer not in dict(gm.named_modules()):
+        raise graphopt.PassOptionError(f"t_validated: no layer {layer!r}")
+
+
+@graphopt.register_pass("t_validated", exact=True, options={"layer": "0"}, validate=_reject_layer)
+def t_validated(gm, ctx, layer):
+    """Has a validate hook that checks its option against the model."""
+
+
+def test_validate_hook_runs_before_any_pass():
+    ran = []
+
+    @graphopt.register_pass("t_marker", exact=True)
+    def t_marker(gm, ctx):
+        """Records that it ran."""
+        ran.append(1)
+
+    with pytest.raises(graphopt.PassOptionError, match="no layer 'zz'"):
+        graphopt.optimize(small(), ["t_marker", ("t_validated", {"layer": "zz"})], example_inputs=X)
+    assert ran == []
+
+
+def test_user_errors_raised_inside_a_pass_are_not_swallowed_by_rollback():
+    @graphopt.register_pass("t_user_error", exact=True)
+    def t_user_error(gm, ctx):
+        """Discovers a caller mistake while running."""
+        raise graphopt.MissingInputError("t_user_error needs eval_fn: pass eval_fn=...")
+
+    with pytest.raises(graphopt.MissingInputError, match="needs eval_fn"):
+        graphopt.optimize(small(), ["t_user_error"], example_inputs=X)

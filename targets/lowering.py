@@ -1,0 +1,212 @@
+"""fx.GraphModule -> Relax IRModule with the weights as parameters.
+
+The import goes through ``torch.export`` and TVM's ``from_exported_program`` with
+``keep_params_as_input=True``, so weights stay out of the compiled library (they travel as
+``params.npz``, and the tuning cache sees the same workload whatever the weight values).
+
+graphopt owns this step because the frontend does not cover everything graphopt emits
+(quantized ops have no translation at all, design.md). Two hooks extend it:
+
+* :func:`register_translation` maps an ATen/custom op name to a function building Relax for
+  it (TVM's ``custom_convert_map`` contract: ``fn(node, importer) -> relax.Var``);
+* :func:`register_relax_rewrite` adds an ``IRModule -> IRModule`` rewrite applied after
+  import (e.g. turning ``dequantize -> conv2d -> quantize`` into an integer conv).
+
+Example:
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval())
+    >>> low = lower(gm, (torch.randn(1, 4),))
+    >>> [tuple(p.shape) for p in low.params], low.inputs[0].shape
+    ([(2, 4), (2,)], (1, 4))
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from graphopt.errors import InputShapeError, TargetError
+
+__all__ = ["LoweredModel", "TensorSpec", "lower", "register_relax_rewrite", "register_translation",
+           "translations", "relax_rewrites"]
+
+log = logging.getLogger("graphopt.targets")
+
+_TRANSLATIONS: Dict[str, Callable] = {}
+_REWRITES: Dict[str, Callable] = {}
+
+
+def register_translation(op_name: str) -> Callable[[Callable], Callable]:
+    """Decorator: translate the exported op ``op_name`` (e.g. ``"my_qconv.default"``) to Relax.
+
+    The function receives ``(node, importer)`` and returns a Relax expression; use
+    ``importer.env[arg]`` for translated arguments and ``importer.block_builder.emit``.
+    A name registered twice by different functions is an error.
+    """
+    def deco(fn: Callable) -> Callable:
+        _add(_TRANSLATIONS, "translation", op_name, fn)
+        return fn
+    return deco
+
+
+def register_relax_rewrite(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn(mod: IRModule) -> IRModule``, applied after import in registration order."""
+    def deco(fn: Callable) -> Callable:
+        _add(_REWRITES, "Relax rewrite", name, fn)
+        return fn
+    return deco
+
+
+def translations() -> Dict[str, Callable]:
+    return dict(_TRANSLATIONS)
+
+
+def relax_rewrites() -> Dict[str, Callable]:
+    return dict(_REWRITES)
+
+
+def _add(table: Dict[str, Callable], kind: str, name: str, fn: Callable) -> None:
+    old = table.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+        raise ValueError(f"{kind} {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+    table[name] = fn
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one input, output or weight (dtype as a numpy name)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TensorSpec":
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+@dataclasses.dataclass
+class LoweredModel:
+    """The Relax module and what is needed to call it like the torch graph.
+
+    Attributes:
+        mod: IRModule whose ``main`` takes ``(*inputs, *params)`` and returns a flat tuple.
+        params: the weights, in ``main``'s parameter order.
+        param_specs: their names (the exported names), shapes and dtypes.
+        inputs: the user inputs' specs.
+        outputs: the flat outputs' specs.
+        out_tree: ``torch.utils._pytree`` spec (serialized) rebuilding the output structure.
+    """
+
+    mod: Any
+    params: List[np.ndarray]
+    param_specs: List[TensorSpec]
+    inputs: List[TensorSpec]
+    outputs: List[TensorSpec]
+    out_tree: str
+
+
+def _var_name(var) -> str:
+    # TVM 0.27 Relax vars expose ``name``; older releases had ``name_hint``.
+    return str(getattr(var, "name_hint", None) or getattr(var, "name", None) or var)
+
+
+def _np_dtype(torch_dtype) -> str:
+    import torch
+
+    return str(torch.empty((), dtype=torch_dtype).numpy().dtype)
+
+
+def weights_as_parameters(gm):
+    """A copy of ``gm`` whose floating-point buffers and plain tensor attributes are Parameters.
+
+    ``keep_params_as_input`` keeps only parameters as inputs; buffers (BatchNorm statistics,
+    tensors a pass attached) would be baked into the library as constants.
+    """
+    import torch
+
+    gm = copy.deepcopy(gm)
+    owners = dict(gm.named_modules())
+    targets = {name for name, b in gm.named_buffers() if b.is_floating_point()}
+    targets |= {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in sorted(targets):
+        prefix, _, attr = target.rpartition(".")
+        owner = owners.get(prefix)
+        value = getattr(owner, attr, None) if owner is not None else None
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+            continue
+        if not value.is_floating_point():
+            continue
+        if attr in owner._buffers:
+            del owner._buffers[attr]
+        elif hasattr(owner, attr):
+            delattr(owner, attr)
+        owner.register_parameter(attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    return gm
+
+
+def lower(gm, example_inputs: Sequence) -> LoweredModel:
+    """Translate ``gm`` for ``example_inputs``' shapes into a Relax module plus weights.
+
+    Raises:
+        InputShapeError: an example input is not a tensor.
+        TargetError: torch.export or the Relax frontend cannot handle the graph; the
+            message names unsupported ops and how to add a translation.
+    """
+    import torch
+    import torch.utils._pytree as pytree
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise InputShapeError("example_inputs must be a non-empty tuple of torch tensors, got "
+                              + ", ".join(type(x).__name__ for x in inputs))
+    module = weights_as_parameters(gm).eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(module, inputs)
+    except Exception as e:  # torch.export raises many unrelated types
+        raise TargetError(f"torch.export could not export the graph for lowering: {type(e).__name__}: {e}") from e
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=True,
+                                    custom_convert_map=translations() or None)
+    except Exception as e:
+        msg = str(e)
+        hint = ("; add one with @graphopt.targets.lowering.register_translation('<op>')"
+                if "nsupported" in msg or "KeyError" in type(e).__name__ else "")
+        raise TargetError(f"the Relax frontend could not translate the graph: {type(e).__name__}: "
+                          f"{msg.strip()[:2000]}{hint}") from e
+    for name, rewrite in _REWRITES.items():
+        try:
+            mod = rewrite(mod)
+        except Exception as e:
+            raise TargetError(f"Relax rewrite {name!r} failed: {type(e).__name__}: {e}") from e
+    mod, detached = relax.frontend.detach_params(mod)
+    params = [p.numpy() for p in detached.get("main", [])]
+    main = mod["main"]
+    n_in = len(main.params) - len(params)
+    param_specs = [TensorSpec(_var_name(v), tuple(p.shape), str(p.dtype))
+                   for v, p in zip(main.params[n_in:], params)]
+    input_specs = [TensorSpec(_var_name(v), tuple(x.shape), _np_dtype(x.dtype))
+                   for v, x in zip(main.params[:n_in], inputs)]
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    user_outputs = set(ep.graph_signature.user_outputs)
+    out_vals = [n for n in pytree.tree_leaves(out_node.args[0])
+                if getattr(n, "name", None) in user_outputs]
+    outputs = []
+    for i, node in enumerate(out_vals):
+        val = node.meta.get("val") if hasattr(node, "meta") else None
+        if not isinstance(val, torch.Tensor):
+            raise TargetError(f"output {i} of the graph is {type(val).__name__}, not a tensor: "
+                              "compiled models return tensors only")
+        outputs.append(TensorSpec(f"output{i}", tuple(val.shape), _np_dtype(val.dtype)))
+    out_spec = ep.call_spec.out_spec
+    return LoweredModel(mod=mod, params=params, param_specs=param_specs, inputs=input_specs,
+                        outputs=outputs, out_tree=pytree.treespec_dumps(out_spec))

@@ -1,0 +1,137 @@
+"""Where a compiled library runs: in this process, under qemu, or on an RPC device.
+
+Every runner has the same small interface (``run(list of arrays) -> list of arrays``,
+``close()``), so :class:`~graphopt.targets.artifact.CompiledModel` does not care where the
+code executes. :class:`LocalRunner` is the in-process one; :class:`QemuRunner` and
+:class:`RpcRunner` live in :mod:`graphopt.targets.qemu` and :mod:`graphopt.targets.rpc`.
+
+Example:
+    >>> runner = make_runner(target, "model.so", params=weights)  # doctest: +SKIP
+    >>> (logits,) = runner.run([x])                                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from graphopt.errors import TargetError
+
+__all__ = ["LocalRunner", "make_runner", "set_runtime_threads"]
+
+log = logging.getLogger("graphopt.targets")
+_THREADS: List[Optional[int]] = [None]  # what this process's TVM thread pool was last set to
+
+_AFFINITY_BIG = 1  # TVM's ThreadGroup::kBig: on a homogeneous CPU, every core
+
+
+def set_runtime_threads(n: int) -> None:
+    """Set TVM's runtime thread pool to ``n`` threads (process-wide; cheap when unchanged).
+
+    Done explicitly because TVM's default looked single-threaded on these machines (design.md).
+    TVM pins the calling thread to core 0 while configuring its pool; that pin is undone,
+    or PyTorch and ONNX Runtime threads started later in this process would share one core.
+    """
+    if _THREADS[0] == n:
+        return
+    import tvm  # noqa: F401  (loads the runtime library that registers the function)
+    import tvm_ffi
+
+    try:
+        affinity = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        affinity = None
+    tvm_ffi.get_global_func("runtime.config_threadpool")(_AFFINITY_BIG, int(n))
+    if affinity is not None:
+        os.sched_setaffinity(0, affinity)
+    _THREADS[0] = n
+
+
+def _flatten(value, out: list) -> list:
+    if hasattr(value, "numpy"):
+        out.append(value.numpy())
+    else:  # a tuple output arrives as an ffi Array (possibly nested)
+        for item in value:
+            _flatten(item, out)
+    return out
+
+
+class LocalRunner:
+    """Runs a host-architecture library in this process through the Relax VM.
+
+    Args:
+        lib_path: the exported ``.so``.
+        params: weights appended after the inputs on every call (converted once).
+        num_threads: TVM runtime threads, set before every call batch.
+        entry: the VM function to call.
+    """
+
+    def __init__(self, lib_path: str, *, params: Sequence[np.ndarray] = (), num_threads: int = 1,
+                 entry: str = "main"):
+        import tvm
+        from tvm import relax
+
+        self.num_threads = num_threads
+        self.entry = entry
+        try:
+            self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+        except Exception as e:  # TVM surfaces dlopen failures as its own error types
+            raise TargetError(f"could not load {lib_path}: {e}") from e
+        self._func = self._vm[entry]
+        self._params = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """``vm[entry](*inputs, *params)``, outputs flattened to numpy in order."""
+        import tvm
+
+        set_runtime_threads(self.num_threads)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+        return _flatten(self._func(*args, *self._params), [])
+
+    def time_runs(self, inputs: Sequence[np.ndarray], repeat: int, warmup: int) -> List[float]:
+        """Seconds per call, inputs already on the device: the model's time, not the copies."""
+        import tvm
+
+        set_runtime_threads(self.num_threads)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+        for _ in range(warmup):
+            self._func(*args, *self._params)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self._func(*args, *self._params)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def close(self) -> None:
+        self._vm = self._func = self._params = None
+
+    def __enter__(self) -> "LocalRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_runner(target, lib_path: str, *, params: Sequence[np.ndarray] = (), entry: str = "main"):
+    """The runner for ``target``: RPC device if it names one, qemu if emulated, else local."""
+    threads = target.runtime_threads
+    if target.remote:
+        from .rpc import RpcRunner
+
+        return RpcRunner(lib_path, params=params, num_threads=threads, entry=entry,
+                         rpc=target.rpc, tracker=target.tracker, key=target.key)
+    if target.emulated:
+        if target.arch != "aarch64":
+            raise TargetError(f"target {target.name!r} is {target.arch}: only aarch64 code can "
+                              "run emulated on this host")
+        from .qemu import QemuRunner
+
+        if not target.qemu_cpu:
+            raise TargetError(f"target {target.name!r} needs qemu_cpu= to run under qemu")
+        return QemuRunner(lib_path, cpu=target.qemu_cpu, params=params, num_threads=threads,
+                          entry=entry)
+    return LocalRunner(lib_path, params=params, num_threads=threads, entry=entry)

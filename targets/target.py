@@ -1,0 +1,303 @@
+"""The :class:`Target`: where a model runs, as data, plus the phase functions that get it there.
+
+A target is a small frozen dataclass (its TVM target dict, triple, toolchain, CPU, ISA
+features, threads, and optionally a remote device), so device presets are plain data
+registered by name (see :mod:`graphopt.targets.presets`) and a user can build their own
+with ``graphopt.Target(...)`` or derive one with :meth:`Target.replace`.
+
+Phases (design.md, "Target"): :meth:`lower` (fx -> Relax), :meth:`tune` (MetaSchedule with the
+persistent cache), :meth:`build` (-> :class:`~graphopt.targets.artifact.CompiledModel`);
+:meth:`compile` runs all three, and is what ``graphopt.optimize`` calls.
+
+Example:
+    >>> t = Target(name="my-a72", tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+    ...            "mcpu": "cortex-a72", "mattr": ["+neon"]}, triple="aarch64-linux-gnu",
+    ...            cross_compiler="aarch64-linux-gnu-g++", qemu_cpu="cortex-a72")
+    >>> t.arch, t.mcpu, t.preferred_channel_multiple
+    ('aarch64', 'cortex-a72', 4)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+import warnings
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from graphopt.errors import TargetError
+
+from .hostcpu import host_arch, physical_cores
+
+__all__ = ["Target"]
+
+log = logging.getLogger("graphopt.targets")
+
+#: Debian packages that provide the tools a target may need (named in errors).
+TOOL_PACKAGES = {
+    "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+    "g++": "g++",
+    "qemu-aarch64": "qemu-user",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A compilation target: a CPU kind, how to build for it and where to run.
+
+    Args:
+        name: registry name (``"x86"``, ``"arm-rpi4"``...).
+        tvm_target: the TVM 0.27 target as a JSON dict (``{"kind": "llvm", "mcpu": ...}``).
+        triple: the platform triple; its first part is the architecture.
+        description: one line for ``graphopt targets``.
+        cross_compiler: the g++ that links the ``.so`` when the host cannot (None: host g++).
+        qemu_cpu: the qemu ``-cpu`` model that enforces this target's ISA on an x86 host.
+        features: ISA features the code may use (``avx512f``, ``neon``, ``dotprod``...);
+            a loaded artifact is refused on a host lacking one.
+        preferred_channel_multiple: fp32 vector lanes; pruning rounds channels to it.
+        rpc: ``"host:port"`` of a TVM RPC server to run on.
+        tracker: ``"host:port"`` of a TVM RPC tracker: tuning measures on its devices.
+        key: the device key on the tracker.
+        num_threads: runtime threads; None: the physical cores of the host (or 2 on
+            emulated / remote devices, recorded in the artifact).
+        weight_prepack: let tuning choose blocked weight layouts, computed once at build
+            time (``cpu_weight_prepack`` in TVM's static-shape pipeline).
+        cache_dir: tuning cache root; None: ``$GRAPHOPT_CACHE_DIR`` or ``~/.cache/graphopt``.
+    """
+
+    name: str
+    tvm_target: Mapping[str, Any]
+    triple: str = "x86_64-linux-gnu"
+    description: str = ""
+    cross_compiler: Optional[str] = None
+    qemu_cpu: Optional[str] = None
+    features: Tuple[str, ...] = ()
+    preferred_channel_multiple: int = 4
+    rpc: Optional[str] = None
+    tracker: Optional[str] = None
+    key: Optional[str] = None
+    num_threads: Optional[int] = None
+    weight_prepack: bool = True
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str):
+            raise TargetError("a target needs a non-empty name")
+        if not isinstance(self.tvm_target, Mapping) or "kind" not in self.tvm_target:
+            raise TargetError(f"target {self.name!r}: tvm_target must be a dict with a 'kind' "
+                              f"(TVM 0.27 targets are JSON dicts), got {self.tvm_target!r}")
+        object.__setattr__(self, "tvm_target", dict(self.tvm_target))
+        object.__setattr__(self, "features", tuple(self.features))
+        if self.rpc and self.tracker:
+            raise TargetError(f"target {self.name!r}: give rpc= or tracker=, not both")
+        if self.tracker and not self.key:
+            raise TargetError(f"target {self.name!r}: a tracker hands out devices by key; pass key=")
+        for attr in ("preferred_channel_multiple", "num_threads"):
+            value = getattr(self, attr)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise TargetError(f"target {self.name!r}: {attr} must be a positive int, got {value!r}")
+
+    # --- derived facts ---------------------------------------------------------------------
+
+    @property
+    def arch(self) -> str:
+        """``x86_64`` or ``aarch64``: the first part of the triple."""
+        return self.triple.split("-", 1)[0]
+
+    @property
+    def mcpu(self) -> Optional[str]:
+        return self.tvm_target.get("mcpu")
+
+    @property
+    def remote(self) -> bool:
+        """Runs on a device behind TVM RPC."""
+        return bool(self.rpc or self.tracker)
+
+    @property
+    def native(self) -> bool:
+        """This host can load and run the target's code in-process."""
+        return not self.remote and self.arch == host_arch()
+
+    @property
+    def emulated(self) -> bool:
+        """Runs under qemu on this host (correct, but timings mean nothing)."""
+        return not self.remote and not self.native
+
+    @property
+    def runtime_threads(self) -> int:
+        """The thread count the runtime is set to (explicitly: TVM's default looked single-threaded)."""
+        if self.num_threads is not None:
+            return self.num_threads
+        return physical_cores() if self.native else 2
+
+    def replace(self, **changes) -> "Target":
+        """A copy with some fields changed, e.g. ``get_target("arm-rpi4").replace(tracker=..., key=...)``."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as JSON-able data (the artifact manifest stores this)."""
+        d = dataclasses.asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Target":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TargetError(f"unknown target fields {unknown}; known: {sorted(known)}")
+        return cls(**{**data, "features": tuple(data.get("features", ()))})
+
+    def cache_key(self) -> str:
+        """Identity of the code this target generates: tuning records are shared under it.
+
+        Only what changes generated code counts (the TVM target and TVM's version), so
+        ``arm-rpi4`` tuned through a tracker and the same CPU described by hand share records.
+        """
+        import tvm
+
+        payload = json.dumps({"tvm_target": self.tvm_target, "tvm": tvm.__version__}, sort_keys=True)
+        return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+    def tvm(self):
+        """The ``tvm.target.Target``; an mcpu LLVM does not know is a TargetError, not a silent fallback."""
+        import tvm
+        from tvm.target import codegen
+
+        mcpu = self.mcpu
+        if mcpu and self.tvm_target.get("kind") == "llvm" and not codegen.llvm_is_valid_cpu(
+                mcpu, self.tvm_target.get("mtriple", self.triple)):
+            raise TargetError(f"target {self.name!r}: LLVM does not know mcpu {mcpu!r} for "
+                              f"{self.triple} (TVM rejects 'native': give a real CPU name)")
+        try:
+            return tvm.target.Target(self.tvm_target)
+        except Exception as e:  # TVM raises its own error types for bad target dicts
+            raise TargetError(f"target {self.name!r}: TVM rejects {self.tvm_target}: {e}") from e
+
+    def check_toolchain(self) -> None:
+        """Fail early, naming the Debian package, when a tool this target needs is missing."""
+        needed = [self.cross_compiler or "g++"]
+        if self.emulated:
+            needed.append("qemu-aarch64" if self.arch == "aarch64" else f"qemu-{self.arch}")
+        if not self.native and not self.cross_compiler:
+            raise TargetError(f"target {self.name!r} is {self.arch}, this host is {host_arch()}: "
+                              "set cross_compiler= (e.g. aarch64-linux-gnu-g++)")
+        for tool in needed:
+            if shutil.which(tool) is None:
+                package = TOOL_PACKAGES.get(tool, tool)
+                raise TargetError(f"target {self.name!r} needs {tool}, which is not installed. "
+                                  f"Install it with: apt-get install {package}")
+
+    def describe(self) -> str:
+        """One line for listings: what it is and where it runs."""
+        where = ("rpc " + self.rpc if self.rpc else f"tracker {self.tracker} key {self.key}"
+                 if self.tracker else "qemu " + (self.qemu_cpu or "?") if self.emulated else "local")
+        feats = ",".join(self.features) or "-"
+        return (f"{self.description or self.name} [mcpu={self.mcpu or 'generic'}, "
+                f"features={feats}, lanes={self.preferred_channel_multiple}, runs: {where}]")
+
+    # --- phases ----------------------------------------------------------------------------
+
+    def lower(self, gm, example_inputs: Sequence):
+        """fx.GraphModule -> :class:`~graphopt.targets.lowering.LoweredModel` (Relax + weights)."""
+        from .lowering import lower
+
+        return lower(gm, tuple(example_inputs))
+
+    def tune(self, lowered, trials: Optional[int], *, progress: Optional[Callable] = None,
+             log: Optional[logging.Logger] = None):
+        """Prepare the Relax module for this target and tune it, reusing the cache.
+
+        Returns:
+            ``(prepared_module, database, TuningInfo)``; the database is None when nothing
+            was ever tuned for this model's tasks.
+        """
+        from .pipeline import prepare
+        from .tuning import tune
+
+        logger = log or globals()["log"]
+        tvm_target = self.tvm()
+        prepared = prepare(lowered.mod, tvm_target, prepack=self.weight_prepack)
+        database, info = tune(prepared, self, tvm_target, trials or 0, progress=progress, log=logger)
+        return prepared, database, info
+
+    def build(self, lowered, prepared, database, tuning=None, *, log: Optional[logging.Logger] = None):
+        """Apply the tuning records, compile, link and load: a runnable CompiledModel."""
+        from .artifact import CompiledModel
+        from .pipeline import build
+
+        start = time.perf_counter()
+        built = build(prepared, self.tvm(), database, prepack=self.weight_prepack)
+        return CompiledModel.from_build(self, lowered, built, tuning=tuning,
+                                        build_seconds=time.perf_counter() - start,
+                                        log=log or globals()["log"])
+
+    def compile(self, gm, example_inputs: Sequence, *, tune_trials: Optional[int] = None,
+                progress: Optional[Callable] = None, log: Optional[logging.Logger] = None):
+        """Lower, tune (``tune_trials`` None or 0: TVM's default schedules) and build ``gm``.
+
+        Args:
+            gm: an eval-mode ``torch.fx.GraphModule``; outputs a tensor or a (nested)
+                tuple/list of tensors.
+            example_inputs: a tuple of tensors fixing the compiled shapes and dtypes.
+            tune_trials: MetaSchedule measurement budget for the whole model.
+            progress: a tqdm-like factory for the tuning bar; None: no bar.
+            log: where progress and cache hits are logged.
+
+        Returns:
+            A :class:`~graphopt.targets.artifact.CompiledModel`.
+        """
+        logger = log or globals()["log"]
+        self.check_toolchain()
+        start = time.perf_counter()
+        lowered = self.lower(gm, example_inputs)
+        logger.info("%s: lowered to Relax in %.1f s (%d weights)", self.name,
+                    time.perf_counter() - start, len(lowered.params))
+        prepared, database, info = self.tune(lowered, tune_trials, progress=progress, log=logger)
+        return self.build(lowered, prepared, database, tuning=info, log=logger)
+
+    def measure_latency(self, gm, example_inputs: Sequence, *, repeat: int = 20) -> float:
+        """Median milliseconds of an untuned build of ``gm``; NaN on an emulated target.
+
+        Builds are cached by graph code, weights and input shapes, so timing the same graph
+        again (a pass that changed nothing) costs only the runs.
+        """
+        if self.emulated:
+            _warn_once(f"{self.name}: latency is not measured under qemu emulation (NaN)")
+            return float("nan")
+        key = _graph_key(self, gm, example_inputs)
+        compiled = _LATENCY_BUILDS.get(key)
+        if compiled is None:
+            compiled = self.compile(gm, example_inputs, tune_trials=0)
+            if len(_LATENCY_BUILDS) >= _LATENCY_CACHE_SIZE:
+                _LATENCY_BUILDS.pop(next(iter(_LATENCY_BUILDS))).close()
+            _LATENCY_BUILDS[key] = compiled
+        return compiled.benchmark(repeat=repeat, warmup=2).median_ms
+
+
+_LATENCY_CACHE_SIZE = 8
+_LATENCY_BUILDS: Dict[str, Any] = {}
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _graph_key(target: Target, gm, example_inputs: Sequence) -> str:
+    """sha256 over the target, the graph's code, every weight and the input specs."""
+    h = hashlib.sha256()
+    h.update(json.dumps(target.to_dict(), sort_keys=True, default=str).encode())
+    h.update(gm.code.encode())
+    for name, t in list(gm.state_dict(keep_vars=False).items()):
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for x in example_inputs:
+        h.update(str((tuple(x.shape), x.dtype)).encode())
+    return h.hexdigest()

@@ -1,0 +1,320 @@
+"""MetaSchedule tuning with graphopt's trial allocation and persistent cache.
+
+``tune_trials`` is a budget for the whole model. Where the trials go matters more than how
+many there are (design.md): every task first gets a small floor (enough to find a
+parallel, vectorized schedule for a pooling or elementwise kernel), and the rest is split
+in proportion to each task's share of the model's FLOPs, so the convolutions that are the
+latency get the search. Each task is then tuned on its own with exactly its budget
+(``max_trials_per_task`` semantics, nothing skipped), sharing one builder, runner and cost
+model, and its records are merged into the cache as soon as it finishes, so an interrupted
+run keeps what it measured.
+
+Tasks whose workload the cache already holds with at least this budget are cache hits and
+are not tuned; with a larger budget only the difference is tuned, seeded with the cached
+records.
+
+Example:
+    >>> allocate_trials(100, [1e9, 1e8, 1e3])
+    [74, 16, 10]
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from graphopt.errors import TargetError
+
+__all__ = ["TuningInfo", "allocate_trials", "tune"]
+
+log = logging.getLogger("graphopt.targets")
+
+FLOOR_TRIALS = 8        # per task, when the budget allows it
+MAX_TRIALS_PER_ITER = 64
+BUILD_TIMEOUT_S = 120.0  # generous: builds on a loaded 2-core machine took > 30 s (TVM's default)
+RUN_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass
+class TuningInfo:
+    """What tuning did, for the report (``CompiledModel.tuning``).
+
+    Attributes:
+        trials_requested: the model's budget (``tune_trials``).
+        trials_run: candidates measured in this run.
+        tasks: tuning tasks (distinct fused kernels) in the model.
+        tasks_tuned: tasks tuned in this run.
+        cache_hits: tasks the cache already had with enough trials.
+        tasks_with_records: tasks the build found a tuned schedule for.
+        seconds: wall time of the tuning phase (including cache I/O).
+        note: why tuning was skipped, if it was.
+    """
+
+    trials_requested: int = 0
+    trials_run: int = 0
+    tasks: int = 0
+    tasks_tuned: int = 0
+    cache_hits: int = 0
+    tasks_with_records: int = 0
+    seconds: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TuningInfo":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def allocate_trials(total: int, costs: Sequence[float], floor: int = FLOOR_TRIALS) -> List[int]:
+    """Split ``total`` trials over tasks: a floor each, the rest in proportion to ``costs``.
+
+    With fewer trials than tasks, the most expensive tasks get one trial each (the others
+    keep TVM's default schedule). The result always sums to ``total``.
+    """
+    n = len(costs)
+    if n == 0 or total <= 0:
+        return [0] * n
+    order = sorted(range(n), key=lambda i: -costs[i])
+    if total < n:
+        out = [0] * n
+        for i in order[:total]:
+            out[i] = 1
+        return out
+    base = min(floor, total // n)
+    rest = total - base * n
+    weights = [max(float(c), 0.0) for c in costs]
+    norm = sum(weights) or float(n)
+    shares = [rest * (w / norm if sum(weights) else 1.0 / n) for w in weights]
+    out = [base + int(math.floor(s)) for s in shares]
+    leftover = total - sum(out)
+    for i in sorted(range(n), key=lambda i: -(shares[i] - math.floor(shares[i])))[:leftover]:
+        out[i] += 1
+    return out
+
+
+@dataclasses.dataclass
+class _Task:
+    name: str
+    mod: Any
+    target: Any
+    weight: int
+    flops: float
+    key: str
+    budget: int = 0
+    done: int = 0
+
+
+def _extract(prepared, tvm_target) -> List[_Task]:
+    import tvm_ffi
+    from tvm.s_tir import analysis
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = []
+    for t in ms.relax_integration.extract_tasks(prepared, tvm_target):
+        mod = t.dispatched[0]
+        if mod.attrs is not None and mod.attrs.get("tirx.is_scheduled", False):
+            continue
+        try:
+            flops = float(analysis.estimate_tir_flops(mod))
+        except Exception:  # estimation fails on some opaque kernels: treat as cheap
+            flops = 1.0
+        tasks.append(_Task(name=t.task_name, mod=mod, target=t.target, weight=int(t.weight),
+                           flops=flops, key=str(tvm_ffi.structural_hash(mod))))
+    return tasks
+
+
+def _measure_tools(target, log: logging.Logger):
+    """Builder and runner: local for the host, cross-build + tracker for a device."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if target.tracker:
+        from .rpc import make_ms_builder, make_ms_runner
+
+        builder = make_ms_builder(target.cross_compiler) if target.cross_compiler else \
+            ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S)
+        return builder, make_ms_runner(target.tracker, target.key)
+    if target.native:
+        config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+                                           enable_cpu_cache_flush=False)
+        return (ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=config))
+    raise TargetError(f"{target.name}: nothing can measure candidates here (no tracker, not native)")
+
+
+def _progress_callback(bar):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            bar.update(len(runner_results))
+
+    return _Progress()
+
+
+def _file_logger(work_dir: Path, name: str) -> logging.Logger:
+    """MetaSchedule's per-task log (design spaces, traces) goes to a file, never the console."""
+    logger = logging.getLogger(f"tvm.s_tir.meta_schedule.graphopt.{work_dir.name}.{name}")
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.FileHandler(work_dir / f"{name}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    return logger
+
+
+def _release_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def _tune_one(task: _Task, trials: int, *, work_dir: Path, database, builder, runner, cost_model,
+              callbacks, seed: int) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    per_iter = min(MAX_TRIALS_PER_ITER, trials)
+    population = min(512, max(64, 8 * per_iter))
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, population // 2))
+    logger = _file_logger(work_dir, f"task_{seed}")
+    try:
+        context = ms.TuneContext(mod=task.mod, target=task.target, space_generator="post-order-apply",
+                                 search_strategy=strategy, task_name=task.name, logger=logger,
+                                 rand_state=seed, num_threads="physical").clone()
+        ms.tune_tasks(tasks=[context], task_weights=[float(task.weight)], work_dir=str(work_dir),
+                      max_trials_global=trials, max_trials_per_task=trials,
+                      num_trials_per_iter=per_iter, builder=builder, runner=runner,
+                      database=database, cost_model=cost_model, measure_callbacks=callbacks,
+                      task_scheduler="round-robin")
+    finally:
+        _release_logger(logger)
+
+
+def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callable] = None,
+         log: logging.Logger = log) -> Tuple[Optional[Any], TuningInfo]:
+    """Tune ``prepared``'s tasks for ``target`` within ``trials``, through the cache.
+
+    Returns:
+        ``(database, info)``: the database to apply (cached and new records), or None when
+        ``trials`` is 0 (TVM's default schedules), and what happened.
+    """
+    start = time.perf_counter()
+    info = TuningInfo(trials_requested=int(trials))
+    if trials <= 0:
+        info.note = "not tuned (tune_trials=0): TVM default schedules"
+        return None, info
+    if not (target.tracker or target.native):
+        info.note = (f"not tuned: {target.name} runs under emulation here; give tracker= and key= "
+                     "of a device to tune on (timings under qemu mean nothing)")
+        log.warning("%s: %s", target.name, info.note)
+        warnings.warn(info.note, RuntimeWarning, stacklevel=3)
+        return None, info
+
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, UnionDatabase
+
+    from .cache import TuningCache
+
+    tasks = _extract(prepared, tvm_target)
+    info.tasks = len(tasks)
+    for task, budget in zip(tasks, allocate_trials(trials, [t.flops * t.weight for t in tasks])):
+        task.budget = budget
+    cache = TuningCache(target.cache_key(), root=target.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as tmp:
+        tmp = Path(tmp)
+        snap = cache.snapshot(tmp / "snapshot")
+        todo = []
+        for task in tasks:
+            known = snap.database.has_workload(task.mod)
+            task.done = snap.budgets.get(task.key, 0) if known else 0
+            if task.budget == 0 or task.done >= task.budget:
+                info.cache_hits += task.budget > 0 or task.done > 0
+            else:
+                todo.append(task)
+        if not todo:
+            log.info("%s: tuning cache hit: all %d tuned tasks already have >= their budget "
+                     "(%d trials for the model); no tuning", target.name, info.cache_hits, trials)
+        else:
+            run_trials = sum(t.budget - t.done for t in todo)
+            log.info("%s: tuning %d of %d tasks with %d trials (%d tasks from the cache, cache hit) in %s",
+                     target.name, len(todo), len(tasks), run_trials, info.cache_hits, cache.dir)
+            work = tmp / "work"
+            work.mkdir()
+            tuning_db = JSONDatabase(work_dir=str(work))
+            builder, runner = _measure_tools(target, log)
+            cost_model = ms.CostModel.create("xgb", num_tuning_cores=max(1, target.runtime_threads))
+            bar_factory = progress or _no_bar
+            with contextlib.closing(bar_factory(total=run_trials, desc=f"tuning {target.name}")) as bar:
+                callbacks = list(ms.MeasureCallback.create("default")) + [_progress_callback(bar)]
+                for i, task in enumerate(sorted(todo, key=lambda t: -t.flops * t.weight)):
+                    extra = task.budget - task.done
+                    _seed(tuning_db, snap.database, task.mod)
+                    log.info("%s: task %d/%d %s (%.1f MFLOP x%d): %d trials%s", target.name, i + 1,
+                             len(todo), task.name, task.flops / 1e6, task.weight, extra,
+                             f" on top of {task.done} cached" if task.done else "")
+                    before = _records_of(tuning_db, task.mod)
+                    try:
+                        _tune_one(task, extra, work_dir=work, database=tuning_db, builder=builder,
+                                  runner=runner, cost_model=cost_model, callbacks=callbacks,
+                                  seed=int(task.key) % (2**31 - 1))
+                    except Exception as e:
+                        raise TargetError(f"tuning task {task.name} for {target.name} failed: "
+                                          f"{type(e).__name__}: {e}") from e
+                    new = _records_of(tuning_db, task.mod)[len(before):]
+                    info.trials_run += len(new)
+                    info.tasks_tuned += 1
+                    cache.merge(new, {task.key: task.budget})
+        database = UnionDatabase(snap.database, tuning_db) if todo else snap.database
+        info.tasks_with_records = sum(
+            1 for t in tasks if database.query_tuning_record(t.mod, t.target, "main") is not None)
+    info.seconds = time.perf_counter() - start
+    log.info("%s: tuning done in %.1f s: %d trials run, %d tasks tuned, %d cache hits, %d/%d tasks "
+             "have tuned schedules", target.name, info.seconds, info.trials_run, info.tasks_tuned,
+             info.cache_hits, info.tasks_with_records, info.tasks)
+    return database, info
+
+
+def _records_of(database, mod) -> list:
+    """Every record of ``mod``'s workload, in commit order (JSONDatabase appends)."""
+    if not database.has_workload(mod):
+        return []
+    workload = database.commit_workload(mod)
+    return [r for r in database.get_all_tuning_records()
+            if _same_workload(r.workload, workload)]
+
+
+def _same_workload(a, b) -> bool:
+    import tvm_ffi
+
+    return a.same_as(b) or tvm_ffi.structural_equal(a.mod, b.mod)
+
+
+def _seed(tuning_db, cached_db, mod, top_k: int = 32) -> int:
+    """Copy the cache's best records of ``mod`` into the tuning database: the search starts there."""
+    if not cached_db.has_workload(mod):
+        return 0
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    workload = tuning_db.commit_workload(mod)
+    best = cached_db.get_top_k(cached_db.commit_workload(mod), top_k)
+    for r in best:
+        tuning_db.commit_tuning_record(TuningRecord(r.trace, workload, r.run_secs, r.target, r.args_info))
+    return len(best)
+
+
+def _no_bar(iterable=None, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=True, **kwargs)

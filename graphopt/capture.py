@@ -156,8 +156,8 @@ def capture(
     """Copy, check, trace and shape-annotate ``model``.
 
     Example:
-        >>> import torch, graphopt.capture as c
-        >>> gm = c.capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()),
+        >>> import torch, graphopt
+        >>> gm = graphopt.capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()),
         ...                (torch.randn(1, 3, 8, 8),))
         >>> [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.op == "call_module"][0]
         torch.Size([1, 4, 6, 6])

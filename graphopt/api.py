@@ -10,7 +10,7 @@ import torch.fx as fx
 from .capture import capture, normalize_inputs
 from .context import PassContext, default_progress, no_progress
 from .errors import InputShapeError, MissingInputError
-from .manager import PassManager
+from .manager import PassInstrument, PassManager
 from .pass_registry import PassItem
 from .report.instrument import ReportInstrument
 from .report.record import Report
@@ -43,6 +43,25 @@ class OptimizedModel:
     def __repr__(self) -> str:
         target = self.report.target or "torch"
         return f"<OptimizedModel {self.report.model} [{', '.join(r.name for r in self.report.records)}] on {target}>"
+
+
+class ProgressInstrument(PassInstrument):
+    """One progress bar over the pipeline, showing the pass that is running."""
+
+    def __init__(self, total: int, bar_factory):
+        self.total, self.bar_factory, self.bar = total, bar_factory, None
+
+    def enter_pipeline(self, gm, ctx):
+        self.bar = self.bar_factory(total=self.total, desc="graphopt passes", unit="pass")
+
+    def run_before_pass(self, step, gm, ctx):
+        self.bar.set_postfix_str(step.spec.name)
+
+    def run_after_pass(self, result, ctx):
+        self.bar.update(1)
+
+    def exit_pipeline(self, gm, ctx):
+        self.bar.close()
 
 
 def normalize_batches(data: Optional[Iterable[Any]], n_inputs: int) -> Optional[List[Tuple[torch.Tensor, ...]]]:
@@ -138,6 +157,7 @@ def optimize(
     # everything that can be validated is validated before the (possibly slow) capture
     reporter = ReportInstrument(type(model).__name__, getattr(tgt, "name", None))
     manager = PassManager(pipeline, instruments=[reporter], **manager_args)
+    manager.instruments.append(ProgressInstrument(len(manager.steps), bar))
     manager.check_needs(ctx)
     gm = capture(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if tgt is not None and (measure_latency or measure_latency is None) and hasattr(tgt, "measure_latency"):

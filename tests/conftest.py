@@ -17,3 +17,13 @@ def zoo_model(request):
     """(name, model, example_inputs) for every zoo architecture."""
     model, inputs = zoo.build(request.param)
     return request.param, model, inputs
+
+
+def pytest_collection_modifyitems(config, items):
+    """The torchvision suite is optional: it runs only when asked for with `-m torchvision`."""
+    if "torchvision" in (config.getoption("-m") or ""):
+        return
+    keep = [i for i in items if "torchvision" not in i.keywords]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "torchvision" in i.keywords])
+        items[:] = keep

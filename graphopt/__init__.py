@@ -7,8 +7,10 @@ Example:
     >>> opt.report["fuse_conv_bn"].nodes_removed
     ['_1']
 """
+from .analysis.channels import ChannelAnalysis, ChannelGroup, analyze_channels, register_channel_rule
 from .analysis.graphview import to_networkx
-from .analysis.metrics import count_macs, count_params, model_bytes, register_macs
+from .analysis.metrics import count_macs, count_params, model_bytes, node_macs, register_macs
+from .analysis.shapes import propagate_shapes
 from .api import DEFAULT_PASSES, OptimizedModel, optimize
 from .capture import capture
 from .context import PassContext

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     data_generator = torch.Generator().manual_seed(args.seed)
 
-    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     cpu_start = time.process_time()
     for epoch in range(args.epochs):
@@ -140,9 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         "training_seconds": round(training_seconds, 1),
         "training_cpu_seconds": round(training_cpu_seconds, 1),
         "threads": args.threads,
-        # Wall time depends on what else the machine runs: record how busy it was.
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "cpu_count": os.cpu_count(),
         "batch_size": args.batch_size,
         "optimizer": "SGD(momentum=0.9, nesterov=True)",
         "lr_schedule": f"OneCycleLR(max_lr={args.lr}, pct_start=0.25)",

@@ -279,6 +279,21 @@ def _plan_budget(groups, scores, order, mac_model: _MacModel, budget: float, rou
         else:
             lo = mid + 1
     cuts = cuts_at(levels[lo])
+    # rounding makes the threshold jump by whole steps: give back, most important first, every
+    # step of channels that still fits the budget
+    steps = {g.id: _step(g, round_to) for g in groups}
+    while True:
+        options = []
+        for gid, n in cuts.items():
+            back = min(steps[gid], n)
+            if back:
+                trial = {**cuts, gid: n - back}
+                if mac_model.macs(trial) <= budget:
+                    restored = norm[gid][order[gid][n - back:n]].max()
+                    options.append((restored, gid, trial))
+        if not options:
+            break
+        cuts = max(options, key=lambda o: (o[0], -o[1]))[2]
     return cuts, mac_model.macs(cuts)
 
 

@@ -22,6 +22,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Optional
 
@@ -66,18 +67,14 @@ def build(prepared, target, database, *, prepack: bool = True) -> Built:
     import tvm
     from tvm import relax
 
-    passes = []
-    if database is not None:
-        passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
-    if prepack:
-        passes.append(relax.transform.SplitLayoutRewritePreproc())
-    passes += [relax.transform.LiftTransformParams(), relax.transform.FoldConstant()]
-    with target:
+    with target, (database if database is not None else contextlib.nullcontext()):
+        passes = []  # built inside the contexts: the apply pass captures target and database
         if database is not None:
-            with database:
-                mod = tvm.transform.Sequential(passes)(prepared)
-        else:
-            mod = tvm.transform.Sequential(passes)(prepared)
+            passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+        if prepack:
+            passes.append(relax.transform.SplitLayoutRewritePreproc())
+        passes += [relax.transform.LiftTransformParams(), relax.transform.FoldConstant()]
+        mod = tvm.transform.Sequential(passes)(prepared)
     mod = _add_flat_transform_entry(mod)
     executable = tvm.compile(mod, target)
     has_transform = any(gv.name_hint == TRANSFORM_ENTRY for gv in mod.get_global_vars())

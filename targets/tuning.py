@@ -14,8 +14,8 @@ are not tuned; with a larger budget only the difference is tuned, seeded with th
 records.
 
 Example:
-    >>> allocate_trials(100, [1e9, 1e8, 1e3])
-    [74, 16, 10]
+    >>> allocate_trials(100, [1e9, 1e8, 1e3, 1])
+    [77, 15, 8, 0]
 """
 from __future__ import annotations
 
@@ -37,8 +37,6 @@ log = logging.getLogger("graphopt.targets")
 
 FLOOR_TRIALS = 8        # per task, when the budget allows it
 MAX_TRIALS_PER_ITER = 64
-BUILD_TIMEOUT_S = 120.0  # generous: builds on a loaded 2-core machine took > 30 s (TVM's default)
-RUN_TIMEOUT_S = 60.0
 
 
 @dataclasses.dataclass
@@ -77,10 +75,19 @@ class TuningInfo:
 def allocate_trials(total: int, costs: Sequence[float], floor: int = FLOOR_TRIALS) -> List[int]:
     """Split ``total`` trials over tasks: a floor each, the rest in proportion to ``costs``.
 
-    With fewer trials than tasks, the most expensive tasks get one trial each (the others
-    keep TVM's default schedule). The result always sums to ``total``.
+    Tasks without arithmetic (cost <= 1: reshapes, transposes, mostly of weights, which
+    are lifted out of the model at build time anyway) get none. With fewer trials than
+    tasks, the most expensive tasks get one trial each (the others keep TVM's default
+    schedule). The result sums to ``total`` whenever some task has arithmetic.
     """
-    n = len(costs)
+    n_all = len(costs)
+    compute = [i for i, c in enumerate(costs) if c > 1]
+    if len(compute) < n_all:
+        out = [0] * n_all
+        for i, b in zip(compute, allocate_trials(total, [costs[i] for i in compute], floor)):
+            out[i] = b
+        return out
+    n = n_all
     if n == 0 or total <= 0:
         return [0] * n
     order = sorted(range(n), key=lambda i: -costs[i])
@@ -132,36 +139,6 @@ def _extract(prepared, tvm_target) -> List[_Task]:
     return tasks
 
 
-def _measure_tools(target, log: logging.Logger):
-    """Builder and runner: local for the host, cross-build + tracker for a device."""
-    from tvm.s_tir import meta_schedule as ms
-
-    if target.tracker:
-        from .rpc import make_ms_builder, make_ms_runner
-
-        builder = make_ms_builder(target.cross_compiler) if target.cross_compiler else \
-            ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S)
-        return builder, make_ms_runner(target.tracker, target.key)
-    if target.native:
-        config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
-                                           enable_cpu_cache_flush=False)
-        return (ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
-                ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=config))
-    raise TargetError(f"{target.name}: nothing can measure candidates here (no tracker, not native)")
-
-
-def _progress_callback(bar):
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-
-    @derived_object
-    class _Progress(PyMeasureCallback):
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            bar.update(len(runner_results))
-
-    return _Progress()
-
-
 def _file_logger(work_dir: Path, name: str) -> logging.Logger:
     """MetaSchedule's per-task log (design spaces, traces) goes to a file, never the console."""
     logger = logging.getLogger(f"tvm.s_tir.meta_schedule.graphopt.{work_dir.name}.{name}")
@@ -178,6 +155,18 @@ def _release_logger(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
+
+
+def _quiet_scheduler(logger: logging.Logger):
+    """A round-robin scheduler logging to ``logger``: TVM's logs its progress tables at INFO
+    through a module logger, which would flood the user's log."""
+    from tvm.s_tir.meta_schedule import _ffi_api
+    from tvm.s_tir.meta_schedule.logging import get_logging_func
+    from tvm.s_tir.meta_schedule.task_scheduler import RoundRobin
+
+    scheduler = RoundRobin.__new__(RoundRobin)
+    scheduler.__init_handle_by_constructor__(_ffi_api.TaskSchedulerRoundRobin, get_logging_func(logger))
+    return scheduler
 
 
 def _tune_one(task: _Task, trials: int, *, work_dir: Path, database, builder, runner, cost_model,
@@ -197,7 +186,7 @@ def _tune_one(task: _Task, trials: int, *, work_dir: Path, database, builder, ru
                       max_trials_global=trials, max_trials_per_task=trials,
                       num_trials_per_iter=per_iter, builder=builder, runner=runner,
                       database=database, cost_model=cost_model, measure_callbacks=callbacks,
-                      task_scheduler="round-robin")
+                      task_scheduler=_quiet_scheduler(logger))
     finally:
         _release_logger(logger)
 
@@ -226,6 +215,7 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
     from tvm.s_tir.meta_schedule.database import JSONDatabase, UnionDatabase
 
     from .cache import TuningCache
+    from .measure import load_cpu_intrinsics, measure_tools, progress_callback, shutdown
 
     tasks = _extract(prepared, tvm_target)
     info.tasks = len(tasks)
@@ -253,11 +243,16 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
             work = tmp / "work"
             work.mkdir()
             tuning_db = JSONDatabase(work_dir=str(work))
-            builder, runner = _measure_tools(target, log)
+            load_cpu_intrinsics()
+            builder, runner = measure_tools(target)
             cost_model = ms.CostModel.create("xgb", num_tuning_cores=max(1, target.runtime_threads))
             bar_factory = progress or _no_bar
-            with contextlib.closing(bar_factory(total=run_trials, desc=f"tuning {target.name}")) as bar:
-                callbacks = list(ms.MeasureCallback.create("default")) + [_progress_callback(bar)]
+            with contextlib.ExitStack() as stack:
+                stack.callback(shutdown, runner)
+                stack.callback(shutdown, builder)
+                bar = stack.enter_context(contextlib.closing(
+                    bar_factory(total=run_trials, desc=f"tuning {target.name}")))
+                callbacks = list(ms.MeasureCallback.create("default")) + [progress_callback(bar)]
                 for i, task in enumerate(sorted(todo, key=lambda t: -t.flops * t.weight)):
                     extra = task.budget - task.done
                     _seed(tuning_db, snap.database, task.mod)

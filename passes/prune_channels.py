@@ -382,9 +382,12 @@ def cut(gm: fx.GraphModule, analysis: ChannelAnalysis, removed: Dict[str, np.nda
         if s.is_param and len(idx):
             keep = np.setdiff1d(np.arange(s.size), idx)
             by_module.setdefault(s.module, []).append((s.param, s.dim, keep))
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name, cuts in by_module.items():
         m = gm.get_submodule(name)
-        fixup = _fixup_for(m)
+        # a module the graph only reads parameters of (get_attr) keeps its attributes: the
+        # graph's own arguments were rewritten instead
+        fixup = _fixup_for(m) if name in called else (lambda m, old: None)
         old = {a: getattr(m, a) for a in _SIZE_ATTRS if hasattr(m, a)}
         for param, dim, keep in cuts:
             t = getattr(m, param)

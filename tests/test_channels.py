@@ -352,3 +352,74 @@ def test_rule_raising_unsupported_leaves_no_trace():
     finally:
         from graphopt.analysis import channels
         del channels._RULES[Half]
+
+
+def tv_shuffle(x, groups: int):
+    """torchvision's ShuffleNetV2 channel_shuffle: transpose, .contiguous(), view(b, -1, h, w)."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+def test_contiguous_inside_a_shuffle_keeps_the_mapping():
+    gm, a = analyze(Shuffle(lambda t: tv_shuffle(t, 2)), 1, 3, 4, 4)
+    assert not a.unknown
+    assert [list(i) for i in group_with(a, "a").index["param:a.weight:0"]] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's: traced into F.layer_norm on a channels-last view, parameters read by get_attr."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class ScaledBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.a, self.norm, self.b, self.out = nn.Conv2d(3, c, 1), LayerNorm2d(c), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, 2, 1)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.norm(self.a(x))
+        return self.out(y + self.layer_scale * self.b(y))
+
+
+def test_functional_layer_norm_and_layer_scale_parameters_are_channel_parameters():
+    gm, a = analyze(ScaledBlock(), 1, 3, 4, 4)
+    assert not a.unknown, a.unknown
+    g = group_with(a, "a")
+    assert g.prunable and set(g.producers()) == {"a", "b"}
+    keys = {s.key for s in g.params("channel")}
+    assert keys == {"param:norm.weight:0", "param:norm.bias:0", "param:.layer_scale:0"}
+    assert len(a.resizes) == 1  # F.layer_norm's literal normalized_shape
+
+
+class SharedScale(ScaledBlock):
+    def forward(self, x):
+        y = self.norm(self.a(x))
+        return self.out(y + self.layer_scale * self.b(y)) + self.layer_scale.sum()
+
+
+def test_a_parameter_read_elsewhere_is_a_constant():
+    _, a = analyze(SharedScale(), 1, 3, 4, 4)
+    assert not group_with(a, "a").prunable
+    assert "constant tensor `layer_scale`" in group_with(a, "a").reason
+
+
+def test_rules_keyed_by_qualified_name():
+    from graphopt.analysis.channels import _qualified_name
+
+    assert _qualified_name(torch.fft.fft) == "torch.fft.fft"
+    assert _qualified_name(torch.conv2d) == "torch.conv2d"
+    assert _qualified_name(F.layer_norm) == "torch.nn.functional.layer_norm"
+    m = WithUnknown()
+    gm = graphopt.capture(m, (torch.randn(1, 3, 4, 4),), leaf_modules=[Opaque])
+    try:
+        register_channel_rule("torch.fft.fft")(lambda rc, node, mod: rc.identity(rc.input(node.args[0])))
+        assert "fft_fft" not in analyze_channels(gm).unknown
+    finally:
+        from graphopt.analysis import channels
+        del channels._RULES["torch.fft.fft"]

@@ -251,7 +251,7 @@ def test_unknown_op_is_left_alone_and_reported():
     assert gm.get_submodule("a").out_channels == 16
     assert gm.get_submodule("c").out_channels == 8
     msgs = opt.report["prune_channels"].messages
-    assert any(m.startswith("`fft_fft` not understood") for m in msgs)
+    assert any(m.startswith("`fft_fft` not understood") and "torch.fft.fft" in m for m in msgs)
     assert any("left alone: used by `fft_fft`" in m for m in msgs)
 
 
@@ -416,3 +416,14 @@ def test_pruned_model_compiles_and_matches(target):
     got = torch.as_tensor(np.asarray(opt(*x)))
     assert got.shape == want.shape
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_functional_layer_norm_and_layer_scale_are_cut():
+    from test_channels import ScaledBlock
+
+    x = (torch.randn(2, 3, 4, 4),)
+    opt = prune(ScaledBlock(16), x, ratio=0.5)
+    gm = opt.graph_module
+    assert gm.layer_scale.shape == (8, 1, 1) and gm.norm.weight.shape == (8,)
+    assert "layer_norm(permute, (8,)" in gm.code
+    assert opt(*x).shape == (2, 2, 4, 4)

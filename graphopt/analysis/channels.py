@@ -148,7 +148,8 @@ _RULES: Dict[Any, ChannelRule] = {}
 
 
 def register_channel_rule(*keys: Any) -> Callable[[ChannelRule], ChannelRule]:
-    """Register the channel rule of module types, functions, or method names (strings).
+    """Register the channel rule of module types, functions, method names (strings such as
+    ``"view"``), or functions by qualified name (``"torchvision.ops.stochastic_depth.stochastic_depth"``).
 
     ``rule(rc, node, module)`` declares ``node``'s output space through ``rc`` (a
     :class:`RuleContext`); ``module`` is the called module for ``call_module`` nodes, else None.
@@ -185,10 +186,27 @@ def _rule_for(node: fx.Node, module: Optional[nn.Module]) -> Optional[ChannelRul
         return _RULES.get(node.target)
     if node.op == "call_function":
         try:
-            return _RULES.get(node.target)
+            rule = _RULES.get(node.target)
         except TypeError:  # unhashable target
-            return None
+            rule = None
+        return rule or _RULES.get(_qualified_name(node.target))
     return None
+
+
+def _qualified_name(fn: Any) -> str:
+    """``torch.fft.fft``, ``torchvision.ops.stochastic_depth.stochastic_depth``: rules may be
+    keyed by this string, for functions of packages the core does not import."""
+    name = getattr(fn, "__name__", None) or str(fn)
+    mod = getattr(fn, "__module__", None) or ""
+    if mod.startswith("torch._C._"):  # builtins of torch.fft, torch.linalg, torch.special...
+        sub = mod[len("torch._C._"):]
+        if sub == "nn":
+            return f"torch.nn.functional.{name}"
+        if name.startswith(sub + "_"):
+            return f"torch.{sub}.{name[len(sub) + 1:]}"
+    if not mod or mod == "torch" or mod.startswith("torch._"):
+        return f"torch.{name}"
+    return f"{mod}.{name}"
 
 
 def _describe(node: fx.Node, module: Optional[nn.Module] = None) -> str:
@@ -196,10 +214,7 @@ def _describe(node: fx.Node, module: Optional[nn.Module] = None) -> str:
         return f"`{node.target}` ({type(module).__name__})"
     if node.op == "call_method":
         return f"`{node.name}` (Tensor.{node.target})"
-    name = getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", str(node.target))
-    mod = getattr(node.target, "__module__", "") or ""
-    prefix = "torch." if mod.startswith("torch") and not name.startswith("torch") else ""
-    return f"`{node.name}` ({prefix}{name})"
+    return f"`{node.name}` ({_qualified_name(node.target)})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,6 +914,53 @@ def _layernorm(rc: RuleContext, node: fx.Node, ln: nn.LayerNorm) -> None:
     _channel_params(rc, node, ln, rc.identity(src), ("weight", "bias"))
 
 
+def _attr_space(rc: RuleContext, a: Any, dim: int, role: str) -> Optional[Space]:
+    """The param space of a tensor read with ``get_attr`` (functional code: ConvNeXt's
+    layer_scale, LayerNorm2d's weight), along ``dim``; None unless this read is its only use
+    (then slicing it cannot break another op) and no module call owns it."""
+    if not (isinstance(a, fx.Node) and a.op == "get_attr") or len(a.users) != 1:
+        return None
+    reads = [n for n in rc.gm.graph.nodes if n.op == "get_attr" and n.target == a.target]
+    module, _, param = a.target.rpartition(".")
+    called = any(n.op == "call_module" and n.target == module for n in rc.gm.graph.nodes)
+    if len(reads) != 1 or called or module not in rc.modules:
+        return None
+    if not isinstance(getattr(rc.modules[module], param, None), torch.Tensor):
+        return None
+    return rc.param(module, param, dim, role)
+
+
+def _attr_param(rc: RuleContext, a: Any, out: Space, role: str) -> None:
+    """Couple a per-channel parameter read with ``get_attr`` to the channels of ``out``."""
+    if a is None:
+        return
+    w = _attr_space(rc, a, 0, role)
+    if w is None:
+        raise Unsupported("its per-channel parameters are not module attributes it alone reads")
+    rc.couple(out, np.arange(out.size), w, np.arange(out.size), "param")
+
+
+@register_channel_rule(F.layer_norm)
+def _layer_norm_fn(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
+    """``F.layer_norm(x, (C,), weight, bias)`` over the channel dim (ConvNeXt's LayerNorm2d
+    permutes to channels-last first); the literal ``(C,)`` is rewritten after a cut."""
+    src = rc.input(node.args[0])
+    shape = rc.value(_arg(node, 1, "normalized_shape"))
+    if src is None or src.dim != len(rc.shape(node)) - 1 or tuple(shape) != (src.size,):
+        raise Unsupported("normalizes over more than the channel dim")
+    out = rc.identity(src)
+    _attr_param(rc, _arg(node, 2, "weight"), out, "channel")
+    _attr_param(rc, _arg(node, 3, "bias"), out, "channel")
+
+    def resize(n: fx.Node, new_size: Callable[[Space], int]) -> None:
+        if len(n.args) > 1:
+            n.args = (n.args[0], (int(new_size(out)),), *n.args[2:])
+        else:
+            n.kwargs = {**n.kwargs, "normalized_shape": (int(new_size(out)),)}
+
+    rc.on_resize(resize)
+
+
 @register_channel_rule(nn.PReLU)
 def _prelu(rc: RuleContext, node: fx.Node, m: nn.PReLU) -> None:
     src = rc.input(node.args[0])
@@ -921,7 +983,8 @@ def _same_channels(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) 
     if isinstance(got, _Chain):
         if rc.shape(node) != rc.shape(x):
             raise Unsupported("its input has its channels spread over several dims")
-        rc.set_chain(got)
+        # e.g. .contiguous() between the transpose and the view of a channel shuffle
+        rc.set_chain(_Chain(got.start, got.probe.contiguous(), got.adapts))
         return
     src = rc.input(x)
     if src is None:
@@ -956,6 +1019,9 @@ register_channel_rule(
     "neg", "square", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "softmax", "log_softmax",
     "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu", "detach", "clone",
     "contiguous", "requires_grad_", "sign", "reciprocal", "nan_to_num", "erf",
+    # by qualified name: packages the core does not import (identity in eval, a per-sample
+    # or per-element mask in training: never mixes channels)
+    "torchvision.ops.stochastic_depth.stochastic_depth",
 )(_same_channels)
 
 
@@ -1002,6 +1068,8 @@ def _elementwise(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) ->
             continue  # broadcast along the channels: any channel count works
         if s is not None and s.dim == d:
             rc.couple(s, np.arange(s.size), out, np.arange(out.size), "identity")
+        elif (w := _attr_space(rc, a, d, "channel")) is not None:  # e.g. layer_scale * x
+            rc.couple(out, np.arange(out.size), w, np.arange(out.size), "param")
         else:
             frozen_by.append(a)
     for a in frozen_by:

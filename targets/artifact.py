@@ -262,6 +262,8 @@ class CompiledModel:
 
     def ir(self) -> str:
         """The final Relax module (after tuning and weight-transform lifting), as text."""
+        if self._dir is None:
+            raise ArtifactError("this CompiledModel is closed")
         return (self._dir / IR).read_text()
 
     def summary(self) -> Dict[str, Any]:
@@ -309,7 +311,7 @@ class CompiledModel:
         if self._owned is not None:
             self._owned.cleanup()
             self._owned = None
-            self._dir = None
+        self._dir = None
 
     def __enter__(self) -> "CompiledModel":
         return self

@@ -423,3 +423,11 @@ def test_rules_keyed_by_qualified_name():
     finally:
         from graphopt.analysis import channels
         del channels._RULES["torch.fft.fft"]
+
+
+def test_docstring_examples():
+    import doctest
+    from graphopt.analysis import channels
+
+    result = doctest.testmod(channels, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

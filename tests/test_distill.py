@@ -148,3 +148,11 @@ def test_distill_is_ordered_after_pruning():
     model = zoo.build("residual")[0]
     opt = run([("distill", {"epochs": 1}), ("prune_channels", {"ratio": 0.5})], model)
     assert [r.name for r in opt.report.records] == ["prune_channels", "distill"]
+
+
+def test_docstring_examples():
+    import doctest
+    from graphopt.passes import distill
+
+    result = doctest.testmod(distill, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -427,3 +427,11 @@ def test_functional_layer_norm_and_layer_scale_are_cut():
     assert gm.layer_scale.shape == (8, 1, 1) and gm.norm.weight.shape == (8,)
     assert "layer_norm(permute, (8,)" in gm.code
     assert opt(*x).shape == (2, 2, 4, 4)
+
+
+def test_docstring_examples():
+    import doctest
+    from graphopt.passes import prune_channels
+
+    result = doctest.testmod(prune_channels, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

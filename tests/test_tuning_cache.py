@@ -1,0 +1,194 @@
+"""MetaSchedule tuning through the persistent cache: trial allocation, hits, damage, concurrency.
+
+The integration tests really tune (a handful of trials on a one-conv model) into a private
+cache directory; the damage tests work on copies of the database that run produced.
+"""
+import json
+import logging
+import multiprocessing
+import shutil
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.targets.cache import BUDGETS, RECORDS, WORKLOADS, TuningCache
+from graphopt.targets.tuning import allocate_trials
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+TRIALS = 3
+
+
+# --- trial allocation (pure) ---------------------------------------------------------------
+
+def test_allocation_sums_to_the_budget_and_favours_heavy_tasks():
+    costs = [1e9, 2e8, 1e6, 5e4]
+    out = allocate_trials(200, costs)
+    assert sum(out) == 200
+    assert out == sorted(out, reverse=True) and min(out) >= 8  # the floor
+    assert out[0] > 3 * out[1]
+
+
+def test_allocation_edge_cases():
+    assert allocate_trials(0, [1e9, 1e6]) == [0, 0]
+    assert allocate_trials(2, [1e3, 1e9, 1e6]) == [0, 1, 1]  # fewer trials than tasks
+    assert allocate_trials(10, [1e6, 1, 1e6]) == [5, 0, 5]  # no trials for pure data movement
+    assert allocate_trials(10, [1, 1]) == [0, 0]
+    assert allocate_trials(7, []) == []
+
+
+# --- a real tuning run ---------------------------------------------------------------------
+
+def conv_model(with_pool=False):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
+    if with_pool:
+        layers.append(nn.MaxPool2d(2))
+    return torch.fx.symbolic_trace(nn.Sequential(*layers).eval()), (torch.randn(1, 3, 8, 8),)
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("graphopt-cache")
+
+
+@pytest.fixture(scope="module")
+def x86(cache_root):
+    return graphopt.get_target("x86").replace(cache_dir=str(cache_root))
+
+
+@pytest.fixture(scope="module")
+def first_run(x86):
+    gm, inputs = conv_model()
+    start = time.perf_counter()
+    compiled = x86.compile(gm, inputs, tune_trials=TRIALS)
+    yield compiled, time.perf_counter() - start
+    compiled.close()
+
+
+def cache_dir(x86):
+    return TuningCache(x86.cache_key(), root=x86.cache_dir).dir
+
+
+def test_first_run_tunes_and_fills_the_cache(first_run, x86):
+    compiled, _ = first_run
+    info = compiled.tuning
+    assert info.trials_requested == TRIALS and info.tasks_tuned == 1 and info.cache_hits == 0
+    assert 1 <= info.trials_run <= TRIALS and info.tasks_with_records == 1
+    gm, inputs = conv_model()
+    torch.testing.assert_close(compiled(*inputs), gm(*inputs).detach(), rtol=1e-4, atol=1e-5)
+    d = cache_dir(x86)
+    assert (d / WORKLOADS).read_text().count("\n") == 1
+    assert (d / RECORDS).read_text().count("\n") == info.trials_run
+    assert list(json.loads((d / BUDGETS).read_text())["workloads"].values()) == [TRIALS]
+    s = compiled.summary()
+    assert s["trials_run"] == info.trials_run and s["tuning_seconds"] > 0
+
+
+def test_second_run_is_a_cache_hit(first_run, x86, caplog):
+    gm, inputs = conv_model()
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="graphopt"):
+        compiled = x86.compile(gm, inputs, tune_trials=TRIALS)
+    elapsed = time.perf_counter() - start
+    info = compiled.tuning
+    assert info.trials_run == 0 and info.tasks_tuned == 0 and info.cache_hits == 1
+    assert info.tasks_with_records == 1
+    assert "cache hit" in caplog.text
+    assert elapsed < first_run[1]
+    torch.testing.assert_close(compiled(*inputs), first_run[0](*inputs), rtol=0, atol=0)
+    compiled.close()
+
+
+def test_untuned_build_ignores_the_cache(first_run, x86):
+    gm, inputs = conv_model()
+    with x86.compile(gm, inputs, tune_trials=0) as compiled:
+        assert compiled.tuning.tasks_with_records == 0 and "not tuned" in compiled.tuning.note
+
+
+def test_a_layer_tuned_in_one_model_is_a_hit_in_another(first_run, x86):
+    gm, inputs = conv_model(with_pool=True)
+    with x86.compile(gm, inputs, tune_trials=2 * TRIALS) as compiled:
+        info = compiled.tuning
+        assert info.cache_hits == 1 and info.tasks_tuned == 1  # only the pool is tuned
+        torch.testing.assert_close(compiled(*inputs), gm(*inputs).detach(), rtol=1e-4, atol=1e-5)
+
+
+# --- damage --------------------------------------------------------------------------------
+
+@pytest.fixture
+def damaged(first_run, x86, tmp_path):
+    """A private copy of the tuned cache directory, to break."""
+    d = tmp_path / "tuning" / x86.cache_key()
+    shutil.copytree(cache_dir(x86), d, ignore=shutil.ignore_patterns(".lock"))
+    return TuningCache(x86.cache_key(), root=tmp_path), d
+
+
+def test_truncated_record_line_is_dropped_with_a_warning(damaged, tmp_path):
+    cache, d = damaged
+    text = (d / RECORDS).read_text()
+    n = text.count("\n")
+    (d / RECORDS).write_text(text + text.splitlines()[0][:40])  # an interrupted append
+    with pytest.warns(RuntimeWarning, match="dropped 1 damaged record"):
+        snap = cache.snapshot(tmp_path / "snap")
+    assert snap.records == n and len(snap.database) == n
+    assert (d / RECORDS).read_text().count("\n") == n  # repaired in place
+
+
+def test_damaged_workload_file_is_moved_aside(damaged, tmp_path):
+    cache, d = damaged
+    (d / WORKLOADS).write_text("not json\n")
+    with pytest.warns(RuntimeWarning, match="moved aside"):
+        snap = cache.snapshot(tmp_path / "snap")
+    assert snap.records == 0 and snap.budgets == {}
+    assert list(d.glob(f"{WORKLOADS}.corrupt-*")) and not (d / WORKLOADS).exists()
+
+
+def test_records_tvm_cannot_read_are_moved_aside(damaged, tmp_path):
+    cache, d = damaged
+    (d / RECORDS).write_text('[0, [["not a trace"], [1.0], {"kind": "llvm"}, null]]\n')
+    with pytest.warns(RuntimeWarning, match="TVM could not read it"):
+        snap = cache.snapshot(tmp_path / "snap")
+    assert snap.records == 0
+
+
+@pytest.mark.slow
+def test_damaged_budgets_warn_and_retune(first_run, x86, cache_root, tmp_path):
+    shared = tmp_path / "shared"
+    shutil.copytree(cache_root, shared)
+    target = x86.replace(cache_dir=str(shared))
+    (cache_dir(target) / BUDGETS).write_text("{ truncated")
+    gm, inputs = conv_model()
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        compiled = target.compile(gm, inputs, tune_trials=TRIALS)
+    assert compiled.tuning.tasks_tuned == 1 and compiled.tuning.trials_run >= 1
+    torch.testing.assert_close(compiled(*inputs), gm(*inputs).detach(), rtol=1e-4, atol=1e-5)
+    compiled.close()
+
+
+# --- two processes -------------------------------------------------------------------------
+
+def _merge_many(root, key, source_dir, rounds):
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    records = JSONDatabase(work_dir=source_dir).get_all_tuning_records()
+    cache = TuningCache(key, root=root)
+    for i in range(rounds):
+        cache.merge(records, {"w": i})
+
+
+def test_concurrent_writers_leave_a_readable_database(first_run, x86, tmp_path):
+    source = cache_dir(x86)
+    n = (source / RECORDS).read_text().count("\n")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_merge_many, args=(str(tmp_path), "k", str(source), 5)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    snap = TuningCache("k", root=tmp_path).snapshot(tmp_path / "snap")
+    assert snap.records == 2 * 5 * n and snap.budgets == {"w": 4}

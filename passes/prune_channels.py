@@ -35,6 +35,7 @@ Example:
 """
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -50,6 +51,7 @@ from graphopt import ChannelAnalysis, ChannelGroup, Option, analyze_channels, no
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor")
 DEFAULT_RATIO = 0.5
 DEFAULT_ROUND_TO = 8
+_PRUNABLE_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,8 +68,6 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio=None, 
     modules = dict(gm.named_modules())
     for name in ignore:
         if name not in modules:
-            import difflib
-
             close = difflib.get_close_matches(name, [k for k in modules if k], n=3)
             layers = [k for k, v in modules.items() if isinstance(v, _PRUNABLE_LAYERS)]
             raise graphopt.PassOptionError(
@@ -79,8 +79,6 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio=None, 
             "prune_channels: importance='taylor' needs gradients on real inputs: pass "
             "calibration_data=[batch, ...] to optimize(), or use importance='l1', 'l2' or 'bn_scale'")
 
-
-_PRUNABLE_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,17 +117,17 @@ def _taylor_scores(gm: fx.GraphModule, ctx, spaces: Sequence) -> Dict[str, np.nd
     was_training = gm.training
     gm.eval()
     try:
-        for t in tensors.values():
-            t.requires_grad_(True)
-        for batch in ctx.progress(batches, desc="prune_channels: taylor", total=len(batches)):
-            gm.zero_grad(set_to_none=True)
-            outs = [o for o in _tensors(gm(*batch)) if o.is_floating_point()]
-            loss = sum(_self_loss(o) for o in outs)
-            loss.backward()
-            for s in spaces:
-                t = tensors[(s.module, s.param)]
-                if t.grad is not None:
-                    sums[s.key] += _slice_scores(t * t.grad, s.dim, "sum") ** 2
+        with torch.enable_grad():
+            for t in tensors.values():
+                t.requires_grad_(True)
+            for batch in ctx.progress(batches, desc="prune_channels: taylor", total=len(batches)):
+                gm.zero_grad(set_to_none=True)
+                outs = [o for o in _tensors(gm(*batch)) if o.is_floating_point()]
+                sum(_self_loss(o) for o in outs).backward()
+                for s in spaces:
+                    t = tensors[(s.module, s.param)]
+                    if t.grad is not None:
+                        sums[s.key] += _slice_scores(t * t.grad, s.dim, "sum") ** 2
     finally:
         gm.zero_grad(set_to_none=True)
         for k, t in tensors.items():
@@ -494,6 +492,9 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
             per_layer = ", ".join(f"{s.module} -{sum(len(g.index[s.key][c]) for c in order[g.id][:n])}"
                                   for s in g.params("out") if s.param == "weight")
             ctx.note(f"{g.describe()}: cut {n} of {g.size} ({per_layer})")
+        elif ratio is None:
+            ctx.note(f"{g.describe()}: kept all {g.size * g.width} channels: the budget was met by cutting "
+                     "lower-ranked channels elsewhere")
         elif g.size * (1 - (ratio or 0)) >= min_channels / g.width:
             ctx.note(f"{g.describe()}: kept all {g.size * g.width} channels: too few to cut and keep a "
                      f"multiple of round_to={round_to}")

@@ -420,6 +420,7 @@ def test_fashion_mnist_simulated_int8_within_one_point():
     opt = graphopt.optimize(model, ["fuse_conv_bn", "quantize"], example_inputs=models.default_example_inputs(),
                             calibration_data=calib, progress=False)
     assert opt.report["quantize"].status == "applied"
-    fp32 = models.evaluate_accuracy(model)
-    int8 = models.evaluate_accuracy(opt.graph_module)
+    # 3,000 test images keep this under a minute; on all 10,000: fp32 0.9164, int8 0.9161 (docs/quantization.md)
+    fp32 = models.evaluate_accuracy(model, limit=3000)
+    int8 = models.evaluate_accuracy(opt.graph_module, limit=3000)
     assert int8 >= fp32 - 0.01, (fp32, int8)

@@ -4,6 +4,7 @@ Importing this package registers ``torch.ops.graphopt.q8_*`` (so a quantized Gra
 fresh process) and, when graphopt's targets are installed, their Relax translations.
 """
 from . import ops  # noqa: F401  (registers the custom ops)
+from . import relax_lowering  # noqa: F401  (registers their Relax translations; TVM is imported lazily)
 from .modules import QuantizedConv, QuantizedLinear
 from .observers import OBSERVERS, CalibrationError, QParams, make_observer
 

@@ -1,0 +1,111 @@
+"""The quantized graph compiled with TVM: integer kernels, and the same answers as the simulation."""
+import re
+
+import pytest
+import torch
+
+import graphopt
+import zoo
+from graphopt.passes.quant import relax_lowering
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def calibration(shape, n=4, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *shape[1:], generator=g) for _ in range(n)]
+
+
+def quantized(model, inputs, options=None, passes=("fuse_conv_bn",), target=None, **kwargs):
+    return graphopt.optimize(model, [*passes, ("quantize", options or {})], target=target, example_inputs=inputs,
+                             calibration_data=calibration(inputs[0].shape), progress=False, on_error="raise",
+                             tune_trials=0 if target else None, measure_latency=False, **kwargs)
+
+
+def int8_conv_kernels(ir: str):
+    """Names of compiled conv kernels reading uint8/int8 data and int8 weights into an int32 accumulator."""
+    found = []
+    for m in re.finditer(r"def (fused_\w*conv\w*)\((.*?)\):\n(.*?)(?=\n    @T\.prim_func|\n    @R\.function|\Z)", ir, re.S):
+        name, params, body = m.groups()
+        buffers = dict(re.findall(r'(\w+): T\.Buffer\(\(.*?\), "(\w+)"\)', params))
+        weights_int8 = any(n.endswith("weight") and d == "int8" for n, d in buffers.items())
+        data_int8 = any(not n.endswith("weight") and d in ("uint8", "int8") for n, d in buffers.items())
+        int32_acc = re.search(r'conv\w*_intermediate = T\.sblock_alloc_buffer\([^\n]*"int32"\)', body)
+        if weights_int8 and data_int8 and int32_acc:
+            found.append(name)
+    return found
+
+
+def agreement(a, b):
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def test_every_graphopt_op_has_a_translation():
+    from graphopt.passes.quant.ops import OP_NAMES
+    from graphopt.targets.lowering import translations
+
+    assert set(OP_NAMES) == set(relax_lowering.TRANSLATED) <= set(translations())
+
+
+def test_compiled_ir_has_int8_convolutions_with_int32_accumulation():
+    model, inputs = zoo.build("residual")
+    opt = quantized(model, inputs, target="x86")
+    ir = opt.compiled.ir()
+    kernels = int8_conv_kernels(ir)
+    n_convs = sum(1 for m in opt.graph_module.modules() if type(m).__name__ == "QuantizedConv")
+    assert len(kernels) >= n_convs - 2, kernels  # identical convs may share a kernel
+    x = calibration(inputs[0].shape, n=1, batch=1, seed=3)[0]
+    assert torch.equal(opt(x), opt.graph_module(x))  # bit-exact: same integer math, same float32 steps
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "conv1d", "flatten_linear", "se_resnext"])
+def test_compiled_agrees_with_simulated(name):
+    model, inputs = zoo.build(name)
+    batch = (16, *inputs[0].shape[1:])
+    example = (torch.randn(batch, generator=torch.Generator().manual_seed(5)),)
+    opt = quantized(model, example, target="x86")
+    for seed in range(3):
+        x = torch.randn(batch, generator=torch.Generator().manual_seed(100 + seed))
+        simulated, compiled = opt.graph_module(x), opt(x)
+        assert agreement(simulated, compiled) >= 0.99
+        assert float((simulated - compiled).abs().max()) <= 1e-5 * float(simulated.abs().max())
+
+
+def test_int8_activations_matmul_and_functional_conv_compile_exactly():
+    from test_quantize import MatmulNet
+
+    torch.manual_seed(0)
+    model = MatmulNet().eval()
+    inputs = (torch.randn(4, 16, 8),)
+    opt = quantized(model, inputs, {"activation_dtype": "int8"}, passes=(), target="x86")
+    x = torch.randn(4, 16, 8)
+    assert torch.equal(opt(x), opt.graph_module(x))
+    assert "int8" in opt.compiled.ir()
+
+
+def test_per_tensor_and_relu6_compile_exactly():
+    model, inputs = zoo.build("mobilenetv2")
+    opt = quantized(model, inputs, {"per_channel": False, "observer": "percentile"}, target="x86")
+    x = torch.randn(*inputs[0].shape)
+    assert torch.equal(opt(x), opt.graph_module(x))
+
+
+# --- the bundled Fashion-MNIST model ---------------------------------------------------------------
+
+def test_fashion_mnist_compiled_int8_accuracy_and_agreement():
+    from test_quantize import _fashion
+
+    models, data = _fashion()
+    model = models.load_default_model()
+    batch = 250
+    images, labels = data.fashion_mnist_batches("test", batch_size=batch)[0]
+    opt = graphopt.optimize(model, ["fuse_conv_bn", "quantize"], target="x86", example_inputs=(images,),
+                            calibration_data=data.calibration_batches(8, 64), progress=False, on_error="raise",
+                            tune_trials=0, measure_latency=False)
+    limit = 1000  # untuned TVM kernels are slow; the benchmark measures all 10,000 images
+    fp32 = models.evaluate_accuracy(model, batch_size=batch, limit=limit)
+    simulated = models.evaluate_accuracy(opt.graph_module, batch_size=batch, limit=limit)
+    compiled = models.evaluate_accuracy(opt.compiled, batch_size=batch, limit=limit)
+    assert compiled >= fp32 - 0.01 and simulated >= fp32 - 0.01, (fp32, simulated, compiled)
+    agree = [agreement(opt.graph_module(x), opt.compiled(x)) for x, _ in data.fashion_mnist_batches("test", batch, limit)]
+    assert min(agree) >= 0.99

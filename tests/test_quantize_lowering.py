@@ -1,5 +1,6 @@
 """The quantized graph compiled with TVM: integer kernels, and the same answers as the simulation."""
 import re
+import shutil
 
 import pytest
 import torch
@@ -109,3 +110,48 @@ def test_fashion_mnist_compiled_int8_accuracy_and_agreement():
     assert compiled >= fp32 - 0.01 and simulated >= fp32 - 0.01, (fp32, simulated, compiled)
     agree = [agreement(opt.graph_module(x), opt.compiled(x)) for x, _ in data.fashion_mnist_batches("test", batch, limit)]
     assert min(agree) >= 0.99
+
+
+# --- ARM, cross-compiled and run under qemu ------------------------------------------------------
+
+needs_arm = pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+                               reason="needs g++-aarch64-linux-gnu and qemu-user")
+
+
+@needs_arm
+@pytest.mark.parametrize("name,target,options", [("residual", "arm-rpi4", {}), ("conv1d", "arm-a55", {}),
+                                                 ("flatten_linear", "arm-rpi4", {"activation_dtype": "uint8"})])
+def test_arm_compiled_agrees_with_simulated(name, target, options):
+    model, inputs = zoo.build(name)
+    example = (torch.randn(8, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(2)),)
+    opt = quantized(model, example, options, target=target)
+    try:
+        assert opt.compiled.target.emulated
+        want = torch.uint8 if options else torch.int8  # auto: int8 activations on AArch64 (sdot is signed)
+        assert all(m.x_qparams.dtype == want for m in opt.graph_module.modules() if hasattr(m, "x_qparams"))
+        assert int8_conv_kernels(opt.compiled.ir())
+        x = torch.randn(*example[0].shape, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(opt(x), opt.graph_module(x))
+    finally:
+        opt.compiled.close()
+
+
+@needs_arm
+def test_fashion_mnist_int8_on_arm_under_qemu():
+    from test_quantize import _fashion
+
+    models, data = _fashion()
+    model = models.load_default_model()
+    batch, limit = 250, 500  # emulated and untuned: about 10 s per batch
+    images, _ = data.fashion_mnist_batches("test", batch_size=batch)[0]
+    opt = graphopt.optimize(model, ["fuse_conv_bn", "quantize"], target="arm-rpi4", example_inputs=(images,),
+                            calibration_data=data.calibration_batches(8, 64), progress=False, on_error="raise",
+                            tune_trials=0, measure_latency=False)
+    try:
+        fp32 = models.evaluate_accuracy(model, batch_size=batch, limit=limit)
+        compiled = models.evaluate_accuracy(opt.compiled, batch_size=batch, limit=limit)
+        assert compiled >= fp32 - 0.01, (fp32, compiled)
+        for x, _ in data.fashion_mnist_batches("test", batch, limit):
+            assert agreement(opt.graph_module(x), opt.compiled(x)) >= 0.99
+    finally:
+        opt.compiled.close()

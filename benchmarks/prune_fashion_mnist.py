@@ -13,10 +13,8 @@ written for the full test set). Takes a few minutes per configuration on 2 CPU c
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,8 +22,7 @@ import graphopt
 from graphopt.data import calibration_batches, fashion_mnist_batches
 from graphopt.models import default_example_inputs, evaluate_accuracy, load_default_model
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "pruning.md"
-START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+from _docs import write_block
 
 #: (label, pipeline before distill): fuse BN first (what a deployment pipeline does), then prune
 CONFIGS = [
@@ -100,11 +97,7 @@ def main(argv=None) -> int:
                 f"distill: {args.epochs} epoch(s) over the 60,000 train images, batch 128, Adam lr "
                 f"{args.lr:g}, T=4, labels unused).\n\n")
         details = "\n".join(f"- {r['label']}: {r['widths']}" for r in rows)
-        block = f"{START}\n{text}\n{note}{details}\n{END}"
-        doc = DOC.read_text()
-        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
-        DOC.write_text(doc)
-        print(f"\nwrote the table to {DOC}")
+        print(f"\nwrote the table to {write_block('pruning.md', text + chr(10) + note + details)}")
     return 0
 
 

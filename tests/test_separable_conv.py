@@ -100,3 +100,39 @@ def test_depthwise_layer_is_refused():
     with pytest.raises(graphopt.PassOptionError, match=r"not a standard convolution \(groups=64"):
         graphopt.optimize(model, ["fuse_conv_bn", ("separable_conv", {"layers": ("features.1.block.1.0",)})],
                           example_inputs=inputs)
+
+
+def _target_or_skip(name):
+    tgt = graphopt.get_target(name)
+    try:
+        tgt.check_toolchain()
+    except graphopt.TargetError as e:  # only where the cross toolchain or qemu is not installed
+        pytest.skip(f"target {name} unavailable here: {e}")
+    return tgt
+
+
+@pytest.mark.parametrize("name,target", [("residual", "x86"), ("unet", "x86"), ("flatten_linear", "x86"),
+                                         ("se_resnext", "x86"), ("residual", "arm"), ("se_resnext", "arm")])
+def test_substituted_model_compiles_and_matches(name, target):
+    _target_or_skip(target)
+    model, inputs = zoo.build(name)
+    opt = graphopt.optimize(model, ["fuse_conv_bn", ("separable_conv", {"measure": False})], target,
+                            example_inputs=inputs, measure_latency=False, progress=False)
+    assert opt.report["separable_conv"].status == "applied"
+    want = opt.graph_module(*inputs)
+    got = torch.as_tensor(opt(*inputs))
+    assert rel(got, want) <= 1e-4
+
+
+def test_target_aware_substitution_times_each_layer():
+    _target_or_skip("x86")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+    x = (torch.randn(1, 16, 24, 24),)
+    opt = graphopt.optimize(model, [("separable_conv", {"max_error": 10.0, "multiplier": 1})], "x86",
+                            example_inputs=x, measure_latency=False, progress=False)
+    (msg,) = opt.report["separable_conv"].messages
+    assert " ms -> " in msg and "on x86" in msg
+    replaced = any(m.groups == 16 for m in opt.graph_module.modules() if isinstance(m, nn.Conv2d))
+    assert replaced == msg.startswith("0: depthwise rank 1")
+    assert replaced != ("kept as is: the pair is not faster" in msg)

@@ -91,18 +91,27 @@ class LocalRunner:
         args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
         return _flatten(self._func(*args, *self._params), [])
 
-    def time_runs(self, inputs: Sequence[np.ndarray], repeat: int, warmup: int) -> List[float]:
-        """Seconds per call, inputs already on the device: the model's time, not the copies."""
+    def bind(self, inputs: Sequence[np.ndarray]):
+        """A zero-argument callable running the model on ``inputs`` staged once (for timing)."""
         import tvm
 
-        set_runtime_threads(self.num_threads)
         args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+        func, params, threads = self._func, self._params, self.num_threads
+
+        def call():
+            set_runtime_threads(threads)
+            func(*args, *params)
+        return call
+
+    def time_runs(self, inputs: Sequence[np.ndarray], repeat: int, warmup: int) -> List[float]:
+        """Seconds per call, inputs already on the device: the model's time, not the copies."""
+        call = self.bind(inputs)
         for _ in range(warmup):
-            self._func(*args, *self._params)
+            call()
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
-            self._func(*args, *self._params)
+            call()
             times.append(time.perf_counter() - start)
         return times
 

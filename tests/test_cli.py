@@ -88,3 +88,17 @@ def test_bad_model_spec(tmp_path):
     assert out.returncode == 2 and "path/to/file.py:factory" in out.stderr
     out = graphopt_cli("optimize", "torch.nn:Identity", "--input-shape", "1,x")
     assert out.returncode == 2 and "comma-separated integers" in out.stderr
+
+
+def test_targets_lists_presets():
+    out = graphopt_cli("targets")
+    assert out.returncode == 0
+    assert all(f"{n}:" in out.stdout for n in ("x86", "arm", "arm-rpi4", "arm-neoverse-n1", "arm-a55"))
+
+
+def test_demo_pipeline_leaves_out_what_is_not_installed():
+    from graphopt.cli import demo_pipeline
+
+    chosen, missing = demo_pipeline(["fuse_conv_bn", "distill", "dce"], train_data=["batches"])
+    assert chosen == ["fuse_conv_bn", ("distill", {"epochs": 2, "train_data": ["batches"]}), "dce"]
+    assert missing == ["prune_channels", "quantize"]

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Any, Optional
 
 __all__ = ["Built", "TRANSFORM_ENTRY", "build", "export_library", "prepare"]
 
 TRANSFORM_ENTRY = "graphopt_transform_params"
+
+log = logging.getLogger("graphopt.targets")
 
 
 @dataclasses.dataclass
@@ -46,15 +49,35 @@ class Built:
     has_transform: bool
 
 
-def prepare(mod, target, *, prepack: bool = True):
-    """Legalize and fuse ``mod`` for ``target``: the module tuning tasks come from."""
+def prepare(mod, target, *, prepack: bool = True, layout_block: int = 0):
+    """Legalize and fuse ``mod`` for ``target``: the module tuning tasks come from.
+
+    Args:
+        prepack: let tuning choose weight layouts (see the module docstring).
+        layout_block: give convolutions NCHW[block]c layouts (see
+            :mod:`graphopt.targets.layouts`); 0 keeps NCHW.
+    """
     import tvm
     from tvm import relax
 
-    passes = [
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        relax.get_pipeline("zero"),
+    from .layouts import blocked_layout_pass, legalize_map
+
+    with target:
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.CanonicalizeBindings()])(mod)
+    if layout_block:
+        try:
+            with target:
+                mod = blocked_layout_pass(layout_block)(mod)
+        except Exception as e:  # TVM's layout inference rejects some op patterns outright
+            log.info("blocked conv layouts not applied (%s: %s); keeping NCHW",
+                     type(e).__name__, str(e).splitlines()[0][:200])
+    passes = [  # TVM's "zero" pipeline, with graphopt's legalizations first
+        relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
     ]
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())

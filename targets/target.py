@@ -65,6 +65,8 @@ class Target:
             emulated / remote devices, recorded in the artifact).
         weight_prepack: let tuning choose blocked weight layouts, computed once at build
             time (``cpu_weight_prepack`` in TVM's static-shape pipeline).
+        layout_block: run convolutions in NCHW[block]c (e.g. 16 = one AVX-512 register
+            of fp32); 0 keeps NCHW. See :mod:`graphopt.targets.layouts`.
         cache_dir: tuning cache root; None: ``$GRAPHOPT_CACHE_DIR`` or ``~/.cache/graphopt``.
     """
 
@@ -81,6 +83,7 @@ class Target:
     key: Optional[str] = None
     num_threads: Optional[int] = None
     weight_prepack: bool = True
+    layout_block: int = 0
     cache_dir: Optional[str] = None
 
     def __post_init__(self):
@@ -95,6 +98,8 @@ class Target:
             raise TargetError(f"target {self.name!r}: give rpc= or tracker=, not both")
         if self.tracker and not self.key:
             raise TargetError(f"target {self.name!r}: a tracker hands out devices by key; pass key=")
+        if not isinstance(self.layout_block, int) or self.layout_block < 0:
+            raise TargetError(f"target {self.name!r}: layout_block must be an int >= 0, got {self.layout_block!r}")
         for attr in ("preferred_channel_multiple", "num_threads"):
             value = getattr(self, attr)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -160,6 +165,7 @@ class Target:
         import tvm
 
         payload = json.dumps({"tvm_target": self.tvm_target, "tvm": tvm.__version__}, sort_keys=True)
+        # layouts change the workloads themselves, so they need no place in the key
         return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
     def tvm(self):
@@ -220,7 +226,8 @@ class Target:
 
         logger = log or globals()["log"]
         tvm_target = self.tvm()
-        prepared = prepare(lowered.mod, tvm_target, prepack=self.weight_prepack)
+        prepared = prepare(lowered.mod, tvm_target, prepack=self.weight_prepack,
+                           layout_block=self.layout_block)
         database, info = tune(prepared, self, tvm_target, trials or 0, progress=progress, log=logger)
         return prepared, database, info
 

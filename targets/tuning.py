@@ -14,7 +14,7 @@ are not tuned; with a larger budget only the difference is tuned, seeded with th
 records.
 
 Example:
-    >>> allocate_trials(100, [1e9, 1e8, 1e3, 1])
+    >>> allocate_trials(100, [1e9, 1e8, 1e3, None])
     [77, 15, 8, 0]
 """
 from __future__ import annotations
@@ -72,19 +72,18 @@ class TuningInfo:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def allocate_trials(total: int, costs: Sequence[float], floor: int = FLOOR_TRIALS) -> List[int]:
+def allocate_trials(total: int, costs: Sequence[Optional[float]], floor: int = FLOOR_TRIALS) -> List[int]:
     """Split ``total`` trials over tasks: a floor each, the rest in proportion to ``costs``.
 
-    Tasks without arithmetic (cost <= 1: reshapes, transposes, mostly of weights, which
-    are lifted out of the model at build time anyway) get none. With fewer trials than
+    A cost of None marks a task not worth tuning (it gets 0). With fewer trials than
     tasks, the most expensive tasks get one trial each (the others keep TVM's default
-    schedule). The result sums to ``total`` whenever some task has arithmetic.
+    schedule). The result sums to ``total`` whenever some task is worth tuning.
     """
     n_all = len(costs)
-    compute = [i for i, c in enumerate(costs) if c > 1]
-    if len(compute) < n_all:
+    wanted = [i for i, c in enumerate(costs) if c is not None]
+    if len(wanted) < n_all:
         out = [0] * n_all
-        for i, b in zip(compute, allocate_trials(total, [costs[i] for i in compute], floor)):
+        for i, b in zip(wanted, allocate_trials(total, [costs[i] for i in wanted], floor)):
             out[i] = b
         return out
     n = n_all
@@ -116,8 +115,49 @@ class _Task:
     weight: int
     flops: float
     key: str
+    skip: bool = False
     budget: int = 0
     done: int = 0
+
+    @property
+    def cost(self) -> Optional[float]:
+        return None if self.skip else max(self.flops, 1.0) * self.weight
+
+
+def not_worth_tuning(prepared) -> set:
+    """Names of kernels tuning cannot speed up at run time.
+
+    A kernel called only on weights (a Linear's transpose, a bias reshape, a weight layout
+    change) is lifted into the weight transform and runs once at build time; a kernel that
+    only reshapes becomes a view of its input when the VM is built.
+    """
+    from tvm import ir, relax, tirx
+    from tvm.relax.analysis import has_reshape_pattern
+
+    skip = {gv.name_hint for gv, f in prepared.functions_items()
+            if isinstance(f, tirx.PrimFunc) and has_reshape_pattern(f)}
+    main = prepared["main"]
+    attrs = main.attrs if main.attrs is not None else {}
+    n_in = int(attrs["num_input"]) if "num_input" in attrs else len(main.params)
+    from_weights = list(main.params[n_in:])  # vars computed from weights only
+
+    def weight_only(expr) -> bool:
+        return isinstance(expr, ir.Constant) or any(expr.same_as(v) for v in from_weights)
+
+    on_weights, on_activations = set(), set()
+    for block in getattr(main.body, "blocks", []):
+        for binding in block.bindings:
+            value = binding.value
+            if not isinstance(value, relax.Call) or getattr(value.op, "name", "") != "relax.call_tir":
+                continue
+            callee = value.args[0].name_hint
+            args = value.args[1].fields if isinstance(value.args[1], relax.Tuple) else [value.args[1]]
+            if all(weight_only(a) for a in args):
+                from_weights.append(binding.var)
+                on_weights.add(callee)
+            else:
+                on_activations.add(callee)
+    return skip | (on_weights - on_activations)
 
 
 def _extract(prepared, tvm_target) -> List[_Task]:
@@ -125,6 +165,7 @@ def _extract(prepared, tvm_target) -> List[_Task]:
     from tvm.s_tir import analysis
     from tvm.s_tir import meta_schedule as ms
 
+    skip = not_worth_tuning(prepared)
     tasks = []
     for t in ms.relax_integration.extract_tasks(prepared, tvm_target):
         mod = t.dispatched[0]
@@ -135,7 +176,7 @@ def _extract(prepared, tvm_target) -> List[_Task]:
         except Exception:  # estimation fails on some opaque kernels: treat as cheap
             flops = 1.0
         tasks.append(_Task(name=t.task_name, mod=mod, target=t.target, weight=int(t.weight),
-                           flops=flops, key=str(tvm_ffi.structural_hash(mod))))
+                           flops=flops, key=str(tvm_ffi.structural_hash(mod)), skip=t.task_name in skip))
     return tasks
 
 
@@ -219,7 +260,7 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
 
     tasks = _extract(prepared, tvm_target)
     info.tasks = len(tasks)
-    for task, budget in zip(tasks, allocate_trials(trials, [t.flops * t.weight for t in tasks])):
+    for task, budget in zip(tasks, allocate_trials(trials, [t.cost for t in tasks])):
         task.budget = budget
     cache = TuningCache(target.cache_key(), root=target.cache_dir)
     with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as tmp:

@@ -260,6 +260,30 @@ def test_every_zoo_model_compiles_for_x86_and_matches(x86, name):
         assert rel_error(out, ref) < 1e-4
 
 
+def test_channel_block_choice():
+    from graphopt.targets.layouts import choose_block
+
+    assert choose_block(64, 128, 16) == 16
+    assert choose_block(24, 144, 16) == 8
+    assert choose_block(12, 36, 16) == 4
+    assert choose_block(3, 32, 16) == 0  # an RGB stem stays NCHW
+    assert choose_block(64, 64, 8) == 8
+
+
+@pytest.mark.parametrize("block", [0, 4])
+def test_layouts_are_a_choice_and_blocked_kernels_are_used(x86, block):
+    gm, inputs = build_local("depthwise")
+    with x86.replace(layout_block=block).compile(gm, inputs) as compiled:
+        assert rel_error(compiled(*inputs), gm(*inputs)) < 1e-4
+        ir = compiled.ir()
+        assert ("conv2d_NCHWc" in ir) == bool(block)
+        assert ("depthwise_conv2d_NCHWc" in ir) == bool(block)
+
+
+def test_x86_default_layout_follows_the_vector_width(x86):
+    assert x86.layout_block == (x86.preferred_channel_multiple if x86.preferred_channel_multiple >= 8 else 0)
+
+
 def test_optimize_compiles_for_x86_end_to_end(caplog):
     gm, inputs = build_local("residual_add")
     with caplog.at_level(logging.INFO, logger="graphopt"):

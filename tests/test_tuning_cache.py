@@ -35,9 +35,28 @@ def test_allocation_sums_to_the_budget_and_favours_heavy_tasks():
 def test_allocation_edge_cases():
     assert allocate_trials(0, [1e9, 1e6]) == [0, 0]
     assert allocate_trials(2, [1e3, 1e9, 1e6]) == [0, 1, 1]  # fewer trials than tasks
-    assert allocate_trials(10, [1e6, 1, 1e6]) == [5, 0, 5]  # no trials for pure data movement
-    assert allocate_trials(10, [1, 1]) == [0, 0]
+    assert allocate_trials(10, [1e6, None, 1e6]) == [5, 0, 5]  # None: not worth tuning
+    assert allocate_trials(10, [None, None]) == [0, 0]
     assert allocate_trials(7, []) == []
+
+
+def test_weight_only_and_reshape_kernels_are_not_tuned():
+    import tvm
+
+    from graphopt.targets.pipeline import prepare
+    from graphopt.targets.tuning import not_worth_tuning
+
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 3))
+    x86 = graphopt.get_target("x86")
+    low = x86.lower(torch.fx.symbolic_trace(model.eval()), (torch.randn(1, 16, 4, 4),))
+    prepared = prepare(low.mod, x86.tvm(), layout_block=16)
+    skipped = not_worth_tuning(prepared)
+    kernels = {gv.name_hint for gv, f in prepared.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any(k.startswith("transpose") for k in skipped)  # the Linear weight's transpose
+    assert any(k.startswith("reshape") for k in skipped)    # bias reshapes and the flatten
+    tuned = kernels - skipped
+    assert any("conv2d_NCHWc" in k for k in tuned) and any("matmul" in k for k in tuned)
+    assert any("layout_transform" in k for k in tuned)      # the activation's NCHW <-> NCHW16c
 
 
 # --- a real tuning run ---------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Blocked channel layouts (NCHW[x]c) for convolutions: the layout CPU kernels vectorize well.
+
+In NCHW a convolution's innermost dimension is the image width, so a vectorized kernel
+needs a fresh gather at every row edge and stride; in NCHW16c (16 channels innermost, one
+AVX-512 register of fp32) every output pixel is one full vector of output channels, the
+weights are one vector per (input channel, tap), and the inner loop is a broadcast-FMA,
+the shape oneDNN and ORT's NCHWc kernels use (design.md: blocked layouts were the known
+way to close the gap on x86).
+
+Two pieces, run before legalization:
+
+* :func:`blocked_layout_pass`: Relax ``ConvertLayout`` with a callback choosing, per
+  conv, the largest block <= the target's vector lanes that divides both channel counts
+  (grouped non-depthwise convs and convs with no such block stay NCHW). The layout then
+  propagates through bias adds, activations, residual adds and pooling, so transforms
+  appear only where a layout-agnostic op (mean, flatten, Linear) needs NCHW back. Weight
+  transforms depend on weights only and are lifted out at build time.
+* :func:`legalize_map`: lowers blocked ``conv2d`` to graphopt's own NCHWc compute
+  definitions (Relax's legalization refuses blocked layouts; TOPI's ``conv2d_NCHWc``
+  indexes the input channel with div/mod, which tuned to 27 GFLOP/s where these reached
+  more, and its depthwise version has no generic implementation); plain layouts go to
+  Relax's default.
+
+Example:
+    >>> choose_block(64, 128, 16), choose_block(24, 144, 16), choose_block(3, 32, 16)
+    (16, 8, 0)
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+__all__ = ["blocked_layout_pass", "choose_block", "legalize_map"]
+
+MIN_BLOCK = 4
+
+
+def choose_block(c_in: int, c_out: int, lanes: int) -> int:
+    """Largest power-of-two block <= ``lanes`` dividing both channel counts; 0 if < 4."""
+    block = lanes
+    while block >= MIN_BLOCK:
+        if c_in % block == 0 and c_out % block == 0:
+            return block
+        block //= 2
+    return 0
+
+
+def _conv_layouts(call, lanes: int) -> Dict[str, list]:
+    weight_shape = [int(s) for s in call.args[1].ty.shape]
+    data_shape = [int(s) for s in call.args[0].ty.shape]
+    if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or len(data_shape) != 4:
+        return {}
+    c_out, c_in_per_group = weight_shape[0], weight_shape[1]
+    c_in, groups = data_shape[1], int(call.attrs.groups)
+    if groups == 1:
+        block = choose_block(c_in, c_out, lanes)
+        if block:
+            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"]}
+    elif groups == c_in == c_out and c_in_per_group == 1:
+        block = choose_block(c_in, c_out, lanes)
+        if block:
+            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o"]}
+    return {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+
+
+def blocked_layout_pass(lanes: int):
+    """A Relax pass giving every eligible conv2d an NCHW[block]c layout (see module doc)."""
+    from tvm import relax
+
+    def layout_cb(call):
+        if getattr(call.op, "name", None) != "relax.nn.conv2d":
+            return {}
+        return _conv_layouts(call, lanes)
+
+    return relax.transform.ConvertLayout({}, layout_cb=layout_cb)
+
+
+def _blocked(layout: str) -> bool:
+    return len(layout) > 4
+
+
+def _legalize_conv2d(bb, call):
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    attrs = call.attrs
+    if not _blocked(attrs.data_layout):
+        return _nn_conv2d(bb, call)
+    out_dtype = attrs.out_dtype if attrs.out_dtype != "" else None
+    common = dict(stride=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+                  layout=attrs.data_layout, out_layout=attrs.out_layout, out_dtype=out_dtype)
+    if int(attrs.groups) == 1:
+        return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], attrs.strides,
+                          attrs.padding, attrs.dilation, out_dtype or call.args[0].ty.dtype,
+                          primfunc_name_hint="conv2d_NCHWc")
+    # TOPI's depthwise_conv2d_NCHWc is a generic function with no default implementation
+    return bb.call_te(depthwise_conv2d_nchwc, call.args[0], call.args[1], attrs.strides,
+                      attrs.padding, attrs.dilation, out_dtype or call.args[0].ty.dtype,
+                      primfunc_name_hint="depthwise_conv2d_NCHWc")
+
+
+def _pad_and_size(data, kernel_hw, strides, padding, dilation):
+    from tvm import topi
+
+    height, width = int(data.shape[2]), int(data.shape[3])
+    (kh_size, kw_size), (sh, sw), (dh, dw) = kernel_hw, strides, dilation
+    top, left, bottom, right = padding
+    padded = data
+    if any(padding):
+        padded = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="pad_temp")
+    out_h = (height + top + bottom - (kh_size - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw_size - 1) * dw - 1) // sw + 1
+    return padded, out_h, out_w
+
+
+def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
+    """Conv, data ``[N, C/b, H, W, b]``, kernel ``[O/b, C/b, KH, KW, b(in), b(out)]`` (TE).
+
+    Unlike TOPI's ``conv2d_NCHWc`` (one fused input-channel reduction indexed with div/mod),
+    the input-channel chunk and block are separate reduction axes, so the block stays a
+    clean, contiguous axis for the schedule search to vectorize and unroll.
+    """
+    from tvm import te
+
+    kh_size, kw_size = int(kernel.shape[2]), int(kernel.shape[3])
+    strides, dilation = [int(s) for s in strides], [int(d) for d in dilation]
+    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation)
+    (sh, sw), (dh, dw) = strides, dilation
+    icc = te.reduce_axis((0, int(kernel.shape[1])), name="icc")
+    icb = te.reduce_axis((0, int(kernel.shape[4])), name="icb")
+    kh = te.reduce_axis((0, kh_size), name="kh")
+    kw = te.reduce_axis((0, kw_size), name="kw")
+    return te.compute(
+        (data.shape[0], kernel.shape[0], out_h, out_w, kernel.shape[5]),
+        lambda n, oc, h, w, ob: te.sum(
+            padded[n, icc, h * sh + kh * dh, w * sw + kw * dw, icb].astype(out_dtype)
+            * kernel[oc, icc, kh, kw, icb, ob].astype(out_dtype), axis=[icc, kh, kw, icb]),
+        name="conv2d_NCHWc")
+
+
+def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
+    """Depthwise conv, data ``[N, C/b, H, W, b]``, kernel ``[C/b, 1, KH, KW, 1, b]`` (TE)."""
+    from tvm import te
+
+    _, cb, _, _, block = data.shape
+    kh_size, kw_size = int(kernel.shape[2]), int(kernel.shape[3])
+    strides, dilation = [int(s) for s in strides], [int(d) for d in dilation]
+    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation)
+    (sh, sw), (dh, dw) = strides, dilation
+    kh = te.reduce_axis((0, kh_size), name="kh")
+    kw = te.reduce_axis((0, kw_size), name="kw")
+    return te.compute(
+        (data.shape[0], cb, out_h, out_w, block),
+        lambda n, c, h, w, b: te.sum(
+            padded[n, c, h * sh + kh * dh, w * sw + kw * dw, b].astype(out_dtype)
+            * kernel[c, 0, kh, kw, 0, b].astype(out_dtype), axis=[kh, kw]),
+        name="depthwise_conv2d_NCHWc")
+
+
+def legalize_map() -> Dict[str, object]:
+    """``LegalizeOps(customize_legalize_map=...)`` entries for blocked layouts."""
+    return {"relax.nn.conv2d": _legalize_conv2d}

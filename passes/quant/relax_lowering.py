@@ -30,6 +30,7 @@ import math
 from graphopt.targets.lowering import register_translation
 
 from .ops import NAMESPACE
+from .tensor_intrin import fix_vnni_intrinsic
 
 __all__ = ["TRANSLATED"]
 
@@ -119,6 +120,131 @@ def _weight_correction(bb, weight, bias, x_zp: int, reduce_axes):
     return bb.emit(R.subtract(bias, R.multiply(wsum, _i32(x_zp))))
 
 
+#: The packed weight block: 16 output channels x 4 reduction elements. That is VNNI's
+#: ``vpdpbusd`` shape (``dot_16x4_vnni``: 16 int32 lanes, each a 4-element uint8 x int8 dot
+#: product) and, split in four, ARM ``sdot``'s (``dot_4x4_i8i8s32_sdot``: 4 lanes x 4).
+LANES, RED = 16, 4
+
+
+def _ceil_to(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def _out_size(spatial, kernel, stride, padding, dilation):
+    return [(spatial[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(len(kernel))]
+
+
+def _split_index(index, extents):
+    """Row-major coordinates of a flat index over ``extents`` (outermost first)."""
+    coords = []
+    for e in reversed(extents):
+        coords.append(index % e)
+        index = index // e
+    return index, list(reversed(coords))
+
+
+def pack_weight(weight):
+    """TE: int8 ``(O, C, *kernel)`` or ``(O, K)`` -> ``(ceil(O/16), ceil(K/4), 16, 4)``, zero padded.
+
+    The reduction index runs over ``(*kernel, C)`` (channels innermost), the order
+    :func:`im2col` lays activations out in. A weights-only computation: the build lifts it
+    out of the model, so it runs once (prepacking).
+    """
+    from tvm import te, tirx
+
+    o, c, *kernel = [int(s) for s in weight.shape]
+    k_total = c
+    for k in kernel:
+        k_total *= k
+
+    def f(jo, ko, ji, ki):
+        j, k = jo * LANES + ji, ko * RED + ki
+        rest, (ch,) = _split_index(k, [c])
+        _, kk = _split_index(rest, kernel)
+        valid = tirx.all(j < o, k < k_total)
+        return tirx.if_then_else(valid, weight[(j, ch, *kk)], tirx.const(0, weight.dtype))
+
+    return te.compute((_ceil_to(o, LANES) // LANES, _ceil_to(k_total, RED) // RED, LANES, RED), f,
+                      name="packed_weight")
+
+
+def im2col(data, kernel, stride, padding, dilation, pad_value: int):
+    """TE: ``(N, C, *spatial)`` -> ``(N * prod(out), ceil(K/4), 4)`` with ``K = prod(kernel) * C``.
+
+    One row per output position; the reduction index runs over ``(*kernel, C)`` so 4
+    consecutive elements are what one dot-product instruction consumes. Positions outside the
+    image hold ``pad_value`` (the zero point: a real 0). ``kernel == []``: a matrix ``(M, K)``.
+    """
+    from tvm import te, tirx
+
+    n, c, *spatial = [int(s) for s in data.shape]
+    out = _out_size(spatial, kernel, stride, padding, dilation)
+    rows, k_total = n, c
+    for v in out:
+        rows *= v
+    for k in kernel:
+        k_total *= k
+
+    def f(row, ko, ki):
+        k = ko * RED + ki
+        b, o = _split_index(row, out)
+        rest, (ch,) = _split_index(k, [c])
+        _, kk = _split_index(rest, kernel)
+        pos = [o[i] * stride[i] - padding[i] + kk[i] * dilation[i] for i in range(len(kernel))]
+        inside = tirx.all(k < k_total, *[tirx.all(p >= 0, p < spatial[i]) for i, p in enumerate(pos)])
+        return tirx.if_then_else(inside, data[(b, ch, *pos)], tirx.const(pad_value, data.dtype))
+
+    return te.compute((rows, _ceil_to(k_total, RED) // RED, RED), f, name="im2col")
+
+
+def gemm_packed(cols, packed):
+    """TE: ``acc[m, jo, ji] = sum(cols[m, ko, ki] * packed[jo, ko, ji, ki])`` in int32.
+
+    An Einsum whose innermost blocks are exactly the dot-product intrinsics' operands:
+    MetaSchedule's auto-tensorization maps ``(ji, ki)`` onto ``dot_16x4_vnni`` / ``sdot``.
+    """
+    from tvm import te
+
+    m = cols.shape[0]
+    ob, kb, lanes, red = packed.shape
+    ko = te.reduce_axis((0, kb), name="ko")
+    ki = te.reduce_axis((0, red), name="ki")
+    return te.compute(
+        (m, ob, lanes),
+        lambda i, jo, ji: te.sum(cols[i, ko, ki].astype("int32") * packed[jo, ko, ji, ki].astype("int32"),
+                                 axis=[ko, ki]),
+        name="gemm_packed")
+
+
+def _lane_blocks(bb, v, o: int):
+    """A per-output-channel vector ``(O,)`` zero padded and shaped ``(O/16, 16)`` (weights only)."""
+    from tvm.relax import op as R
+
+    padded = _ceil_to(o, LANES)
+    if padded != o:
+        v = bb.emit(R.nn.pad(v, [0, padded - o], pad_value=0.0))
+    return bb.emit(R.reshape(v, [padded // LANES, LANES]))
+
+
+def packed_matmul(bb, cols, weight, bias, multiplier, x_zp: int, out_zp: int, lo, hi, out_dtype: str):
+    """``cols (M, K/4, 4)`` x packed ``weight`` + correction, requantized: ``(M, O)``."""
+    from tvm.relax import op as R
+
+    fix_vnni_intrinsic()  # tuning (now or later in this process) may tensorize this GEMM with VNNI
+    o = _shape(weight)[0]
+    packed = bb.emit_te(pack_weight, weight, primfunc_name_hint="pack_weight")
+    acc = bb.emit_te(gemm_packed, cols, packed, primfunc_name_hint="gemm_packed")  # (M, O/16, 16)
+    corr = _weight_correction(bb, weight, bias, x_zp, list(range(1, len(_shape(weight)))))
+    acc = bb.emit(R.add(acc, _lane_blocks(bb, corr, o)))
+    y = requantize(bb, acc, _lane_blocks(bb, multiplier, o), out_zp, lo, hi, out_dtype)
+    m = _shape(cols)[0]
+    y = bb.emit(R.reshape(y, [m, _ceil_to(o, LANES)]))
+    if _ceil_to(o, LANES) != o:
+        y = bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[o]))
+    return y
+
+
 @register_translation("q8_conv.default")
 def translate_conv(node, importer):
     from tvm.relax import op as R
@@ -129,6 +255,15 @@ def translate_conv(node, importer):
     data, weight = env[x], env[w]
     ndim = len(_shape(weight))
     dims = ndim - 2
+    if groups == 1:  # im2col + packed int8 GEMM: the form dot-product instructions tensorize
+        n, _, *spatial = _shape(data)
+        o, _, *kernel = _shape(weight)
+        out = _out_size(spatial, kernel, stride, padding, dilation)
+        cols = bb.emit_te(im2col, data, kernel, stride, padding, dilation, x_zp, primfunc_name_hint="im2col")
+        y = packed_matmul(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype))
+        y = bb.emit(R.reshape(y, [n, *out, o]))
+        return bb.emit(R.permute_dims(y, [0, ndim - 1, *range(1, ndim - 1)]))
+    # grouped / depthwise: a direct integer convolution (too little reduction per group to pack)
     if x_zp != 0 and any(padding):
         pad_width = [0, 0, 0, 0]
         for p in padding:
@@ -150,11 +285,12 @@ def translate_linear(node, importer):
     _check(node)
     x, w, b, m, x_zp, out_zp, lo, hi, out_dtype = node.args
     bb, env = importer.block_builder, importer.env
-    weight = env[w]
-    acc = bb.emit(R.matmul(env[x], R.permute_dims(weight), out_dtype="int32"))
-    corr = _weight_correction(bb, weight, env[b], x_zp, [1])
-    acc = bb.emit(R.add(acc, corr))
-    return requantize(bb, acc, env[m], out_zp, lo, hi, _dtype(out_dtype))
+    data, weight = env[x], env[w]
+    lead, k = _shape(data)[:-1], _shape(data)[-1]
+    rows = bb.emit(R.reshape(data, [-1, k]))  # (M, K): im2col of a matrix only packs K by 4
+    cols = bb.emit_te(im2col, rows, [], [], [], [], x_zp, primfunc_name_hint="im2col")
+    y = packed_matmul(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype))
+    return bb.emit(R.reshape(y, [*lead, _shape(weight)[0]]))
 
 
 @register_translation("q8_matmul.default")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import gc
 import hashlib
 import json
 import logging
@@ -92,15 +91,6 @@ class BenchmarkResult:
                 f"{self.repeat} runs, {self.num_threads} threads, {self.where})")
 
 
-def _close_runner(runner, target: Target) -> None:
-    runner.close()
-    if target.remote:
-        # TVM's VirtualMachine sits in a reference cycle (a closure over itself), so the RPC
-        # session it holds, and with it the device, stays busy until the cycle collector
-        # runs: a tracker with one board would refuse the next session for minutes.
-        gc.collect()
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -161,7 +151,7 @@ class CompiledModel:
                 try:
                     params = runner.run(params)
                 finally:
-                    _close_runner(runner, target)
+                    runner.close()
             link_seconds = time.perf_counter() - start
         except TargetError:
             tmp.cleanup()
@@ -316,7 +306,7 @@ class CompiledModel:
     def close(self) -> None:
         """Stop the runner (qemu worker, RPC session) and delete the private build directory."""
         if self._runner is not None:
-            _close_runner(self._runner, self.target)
+            self._runner.close()
             self._runner = None
         if self._owned is not None:
             self._owned.cleanup()

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import shlex
 import shutil
@@ -210,9 +211,15 @@ class RpcRunner:
                               + _CRASH_HINT * ("kShutdown" in str(err))) from err
 
     def close(self) -> None:
-        """Drop remote objects and the session (the server then frees them)."""
+        """Drop remote objects and the session (the server then frees them).
+
+        TVM's VirtualMachine sits in a reference cycle (a closure over itself), so the session
+        it holds, and with it the device, stays busy until the cycle collector runs: a tracker
+        with one board would refuse the next session for minutes. Collect now.
+        """
         self._vm = self._params = None
         self._session = None
+        gc.collect()
 
     def __enter__(self) -> "RpcRunner":
         return self

@@ -7,7 +7,7 @@ that the choice is explainable ("avx512_vnni + avx512_bf16 on AMD: znver4") and 
 with a fake cpuinfo.
 
 Example:
-    >>> cpu = HostCpu(arch="x86_64", vendor="GenuineIntel", flags=frozenset({"avx2", "fma", "bmi2"}))
+    >>> cpu = HostCpu(arch="x86_64", vendor="GenuineIntel", flags=frozenset({"avx", "avx2", "fma", "bmi2"}))
     >>> pick_x86_mcpu(cpu), x86_vector_lanes(cpu)
     ('haswell', 8)
 """

@@ -312,3 +312,14 @@ def test_emulated_latency_is_not_a_number(recwarn):
 
     gm, inputs = build_local("conv1d")
     assert math.isnan(graphopt.get_target("arm").measure_latency(gm, inputs))
+
+
+@pytest.mark.parametrize("name", ["graphopt.targets", "graphopt.targets.target", "graphopt.targets.presets",
+                                  "graphopt.targets.hostcpu", "graphopt.targets.lowering",
+                                  "graphopt.targets.layouts", "graphopt.targets.tuning"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

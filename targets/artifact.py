@@ -52,7 +52,7 @@ from .tuning import TuningInfo
 
 __all__ = ["BenchmarkResult", "CompiledModel", "FORMAT", "FORMAT_VERSION", "load"]
 
-log = logging.getLogger("graphopt.targets")
+_log = logging.getLogger("graphopt.targets")
 
 FORMAT = "graphopt-compiled-model"
 FORMAT_VERSION = 1
@@ -137,7 +137,7 @@ class CompiledModel:
 
     @classmethod
     def from_build(cls, target: Target, lowered, built, *, tuning: Optional[TuningInfo] = None,
-                   build_seconds: float = 0.0, log: logging.Logger = log) -> "CompiledModel":
+                   build_seconds: float = 0.0, log: logging.Logger = _log) -> "CompiledModel":
         """Export ``built`` to a private directory, transform the weights once, and wrap it."""
         tmp = tempfile.TemporaryDirectory(prefix="graphopt-compiled-")
         directory = Path(tmp.name)
@@ -183,10 +183,10 @@ class CompiledModel:
     # --- calling ---------------------------------------------------------------------------
 
     def _check_inputs(self, args: Sequence[Any]) -> List[np.ndarray]:
+        """Inputs as numpy arrays, or an InputShapeError saying what the model takes."""
         import torch
 
-        if len(args) == 1 and isinstance(args[0], (tuple, list)) and len(self.inputs) != 1:
-            args = tuple(args[0])
+        args = self._unpack(args)
         if len(args) != len(self.inputs):
             raise InputShapeError(f"this model takes {len(self.inputs)} input(s) "
                                   f"({self._specs_text()}), got {len(args)}")
@@ -204,6 +204,12 @@ class CompiledModel:
                     "compile again with example inputs of the new shape")
             arrays.append(x)
         return arrays
+
+    def _unpack(self, args: Sequence[Any]) -> Sequence[Any]:
+        # model(x, y) and model((x, y)) are both accepted
+        if len(args) == 1 and isinstance(args[0], (tuple, list)) and len(self.inputs) != 1:
+            return tuple(args[0])
+        return args
 
     def _specs_text(self) -> str:
         return ", ".join(f"{s.name}: {list(s.shape)} {s.dtype}" for s in self.inputs)
@@ -226,8 +232,7 @@ class CompiledModel:
         flat = self.runner.run(arrays)
         if len(flat) != len(self.outputs):
             raise TargetError(f"the library returned {len(flat)} outputs, the graph has {len(self.outputs)}")
-        as_torch = any(isinstance(a, torch.Tensor) for a in (args[0] if len(args) == 1 and
-                       isinstance(args[0], (tuple, list)) else args))
+        as_torch = any(isinstance(a, torch.Tensor) for a in self._unpack(args))
         leaves = [torch.from_numpy(np.ascontiguousarray(o)) if as_torch else o for o in flat]
         return pytree.tree_unflatten(leaves, pytree.treespec_loads(self._manifest["out_tree"]))
 
@@ -431,7 +436,7 @@ def load(directory, *, rpc: Optional[str] = None, tracker: Optional[str] = None,
     try:
         target = Target.from_dict(manifest["target"])
         changes = {k: v for k, v in dict(rpc=rpc, tracker=tracker, key=key).items() if v is not None}
-        if rpc or tracker:
+        if rpc or tracker:  # a new device replaces the recorded one, whichever way it was reached
             changes.setdefault("rpc", rpc)
             changes.setdefault("tracker", tracker)
         if num_threads is not None:

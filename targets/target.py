@@ -33,7 +33,7 @@ from .hostcpu import host_arch, physical_cores
 
 __all__ = ["Target"]
 
-log = logging.getLogger("graphopt.targets")
+_log = logging.getLogger("graphopt.targets")
 
 #: Debian packages that provide the tools a target may need (named in errors).
 TOOL_PACKAGES = {
@@ -224,7 +224,7 @@ class Target:
         from .pipeline import prepare
         from .tuning import tune
 
-        logger = log or globals()["log"]
+        logger = log or _log
         tvm_target = self.tvm()
         prepared = prepare(lowered.mod, tvm_target, prepack=self.weight_prepack,
                            layout_block=self.layout_block)
@@ -240,7 +240,7 @@ class Target:
         built = build(prepared, self.tvm(), database, prepack=self.weight_prepack)
         return CompiledModel.from_build(self, lowered, built, tuning=tuning,
                                         build_seconds=time.perf_counter() - start,
-                                        log=log or globals()["log"])
+                                        log=log or _log)
 
     def compile(self, gm, example_inputs: Sequence, *, tune_trials: Optional[int] = None,
                 progress: Optional[Callable] = None, log: Optional[logging.Logger] = None):
@@ -257,7 +257,7 @@ class Target:
         Returns:
             A :class:`~graphopt.targets.artifact.CompiledModel`.
         """
-        logger = log or globals()["log"]
+        logger = log or _log
         self.check_toolchain()
         start = time.perf_counter()
         lowered = self.lower(gm, example_inputs)
@@ -266,11 +266,14 @@ class Target:
         prepared, database, info = self.tune(lowered, tune_trials, progress=progress, log=logger)
         return self.build(lowered, prepared, database, tuning=info, log=logger)
 
-    def measure_latency(self, gm, example_inputs: Sequence, *, repeat: int = 20) -> float:
+    def measure_latency(self, gm, example_inputs: Sequence, *, repeat: Optional[int] = None,
+                        budget_s: float = 2.0) -> float:
         """Median milliseconds of an untuned build of ``gm``; NaN on an emulated target.
 
         Builds are cached by graph code, weights and input shapes, so timing the same graph
-        again (a pass that changed nothing) costs only the runs.
+        again (a pass that changed nothing) costs only the runs. Without ``repeat``, the
+        number of runs (3 to 20) fits in about ``budget_s``: untuned builds of ImageNet-size
+        models take seconds per run.
         """
         if self.emulated:
             _warn_once(f"{self.name}: latency is not measured under qemu emulation (NaN)")
@@ -282,7 +285,10 @@ class Target:
             if len(_LATENCY_BUILDS) >= _LATENCY_CACHE_SIZE:
                 _LATENCY_BUILDS.pop(next(iter(_LATENCY_BUILDS))).close()
             _LATENCY_BUILDS[key] = compiled
-        return compiled.benchmark(repeat=repeat, warmup=2).median_ms
+        if repeat is None:
+            first = compiled.benchmark(repeat=1, warmup=1).median_ms
+            repeat = max(3, min(20, int(budget_s * 1e3 / max(first, 1e-3))))
+        return compiled.benchmark(repeat=repeat, warmup=1).median_ms
 
 
 _LATENCY_CACHE_SIZE = 8
@@ -298,13 +304,23 @@ def _warn_once(message: str) -> None:
 
 def _graph_key(target: Target, gm, example_inputs: Sequence) -> str:
     """sha256 over the target, the graph's code, every weight and the input specs."""
+    import torch
+
     h = hashlib.sha256()
     h.update(json.dumps(target.to_dict(), sort_keys=True, default=str).encode())
     h.update(gm.code.encode())
-    for name, t in list(gm.state_dict(keep_vars=False).items()):
+    tensors = dict(gm.state_dict(keep_vars=False))
+    for node in gm.graph.nodes:  # tensors a pass attached as plain attributes
+        if node.op == "get_attr" and node.target not in tensors:
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part, None)
+            if hasattr(value, "shape") and hasattr(value, "dtype"):
+                tensors[node.target] = value
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for x in example_inputs:
         h.update(str((tuple(x.shape), x.dtype)).encode())
     return h.hexdigest()

@@ -33,7 +33,7 @@ from graphopt.errors import TargetError
 
 __all__ = ["TuningInfo", "allocate_trials", "tune"]
 
-log = logging.getLogger("graphopt.targets")
+_log = logging.getLogger("graphopt.targets")
 
 FLOOR_TRIALS = 8        # per task, when the budget allows it
 MAX_TRIALS_PER_ITER = 64
@@ -233,7 +233,7 @@ def _tune_one(task: _Task, trials: int, *, work_dir: Path, database, builder, ru
 
 
 def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callable] = None,
-         log: logging.Logger = log) -> Tuple[Optional[Any], TuningInfo]:
+         log: logging.Logger = _log) -> Tuple[Optional[Any], TuningInfo]:
     """Tune ``prepared``'s tasks for ``target`` within ``trials``, through the cache.
 
     Returns:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -175,8 +176,12 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
     except Exception as e:  # torch.export raises many unrelated types
         raise TargetError(f"torch.export could not export the graph for lowering: {type(e).__name__}: {e}") from e
     try:
-        mod = from_exported_program(ep, keep_params_as_input=True,
-                                    custom_convert_map=translations() or None)
+        with warnings.catch_warnings():
+            # torch 2.13 warns about its own pytree internals while the frontend copies the
+            # exported program: nothing a user can act on, and once per lowering
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            mod = from_exported_program(ep, keep_params_as_input=True,
+                                        custom_convert_map=translations() or None)
     except Exception as e:
         msg = str(e)
         hint = ("; add one with @graphopt.targets.lowering.register_translation('<op>')"

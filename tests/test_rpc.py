@@ -13,23 +13,13 @@ import torch
 from graphopt.errors import TargetError
 from graphopt.targets.arm_sysroot import ensure_sysroot
 from graphopt.targets.qemu import cross_compile_library
+from test_arm_emulation import TwoConvs  # the same tiny model: two convs and a tuple output
 from graphopt.targets.rpc import (
     LoopbackDeviceFarm, RpcRunner, connect, make_ms_builder, make_ms_runner, parse_address,
 )
 
 A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
        "num-cores": 2}
-
-
-class TwoConvs(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 4, 3)
-
-    def forward(self, x):
-        y = torch.relu(self.conv1(x))
-        return torch.relu(self.conv2(y)), y.mean()
 
 
 def to_relax(model, x):

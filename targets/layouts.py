@@ -11,7 +11,8 @@ Two pieces, run before legalization:
 
 * :func:`blocked_layout_pass`: Relax ``ConvertLayout`` with a callback choosing, per
   conv, the largest block <= the target's vector lanes that divides both channel counts
-  (grouped non-depthwise convs and convs with no such block stay NCHW). The layout then
+  (grouped non-depthwise convs and convs with no such block stay NCHW), or one block for
+  the whole model when TVM's layout inference rejects mixed blocks. The layout then
   propagates through bias adds, activations, residual adds and pooling, so transforms
   appear only where a layout-agnostic op (mean, flatten, Linear) needs NCHW back. Weight
   transforms depend on weights only and are lifted out at build time.
@@ -27,9 +28,9 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Tuple
 
-__all__ = ["blocked_layout_pass", "choose_block", "legalize_map"]
+__all__ = ["blocked_layout_pass", "choose_block", "clip_as_min_max", "legalize_map", "uniform_block"]
 
 MIN_BLOCK = 4
 
@@ -44,34 +45,107 @@ def choose_block(c_in: int, c_out: int, lanes: int) -> int:
     return 0
 
 
-def _conv_layouts(call, lanes: int) -> Dict[str, list]:
+def _conv_block(call, lanes: int) -> Tuple[int, bool]:
+    """(block for this conv2d call or 0, depthwise?)."""
     weight_shape = [int(s) for s in call.args[1].ty.shape]
     data_shape = [int(s) for s in call.args[0].ty.shape]
     if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or len(data_shape) != 4:
-        return {}
+        return 0, False
     c_out, c_in_per_group = weight_shape[0], weight_shape[1]
     c_in, groups = data_shape[1], int(call.attrs.groups)
     if groups == 1:
-        block = choose_block(c_in, c_out, lanes)
-        if block:
-            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"]}
-    elif groups == c_in == c_out and c_in_per_group == 1:
-        block = choose_block(c_in, c_out, lanes)
-        if block:
-            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o"]}
-    return {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+        return choose_block(c_in, c_out, lanes), False
+    if groups == c_in == c_out and c_in_per_group == 1:
+        return choose_block(c_in, c_out, lanes), True
+    return 0, False
 
 
-def blocked_layout_pass(lanes: int):
-    """A Relax pass giving every eligible conv2d an NCHW[block]c layout (see module doc)."""
+def _conv_calls(mod):
     from tvm import relax
 
-    def layout_cb(call):
-        if getattr(call.op, "name", None) != "relax.nn.conv2d":
-            return {}
-        return _conv_layouts(call, lanes)
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in getattr(func.body, "blocks", []):
+            for binding in block.bindings:
+                value = binding.value
+                if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.nn.conv2d":
+                    yield value
 
-    return relax.transform.ConvertLayout({}, layout_cb=layout_cb)
+
+def uniform_block(mod, lanes: int) -> int:
+    """The block every blockable conv of ``mod`` can share (powers of two: the smallest)."""
+    blocks = [b for b, _ in (_conv_block(c, lanes) for c in _conv_calls(mod)) if b]
+    return min(blocks) if blocks else 0
+
+
+def blocked_layout_pass(lanes: int, uniform: bool = False):
+    """A Relax pass giving every eligible conv2d an NCHW[block]c layout (see module doc).
+
+    Args:
+        lanes: the largest block (the target's fp32 vector lanes).
+        uniform: one block for the whole module (the largest all convs share), instead of
+            the largest per conv: no block-to-block conversions, and TVM's layout inference
+            accepts graphs where mixed blocks meet (it rejects some, e.g. MobileNetV2's).
+    """
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.BlockedConvLayouts")
+    def transform(mod, _ctx):
+        limit = uniform_block(mod, lanes) if uniform else lanes
+
+        def layout_cb(call):
+            if getattr(call.op, "name", None) != "relax.nn.conv2d":
+                return {}
+            block, depthwise = _conv_block(call, limit) if limit else (0, False)
+            if not block:
+                return {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o" if depthwise
+                                        else f"OIHW{block}i{block}o"]}
+
+        return relax.transform.ConvertLayout({}, layout_cb=layout_cb)(clip_as_min_max()(mod))
+
+    return transform
+
+
+def clip_as_min_max():
+    """Rewrite ``clip(x, lo, hi)`` as ``minimum(maximum(x, lo), hi)``.
+
+    TVM's layout inference has no rule for ``clip`` (ReLU6), so ConvertLayout wrapped every
+    ReLU6 of MobileNetV2 in a transform back to NCHW and out again, which also split it from
+    its convolution: 12 extra kernels and 24 transforms. Elementwise max/min with scalar
+    constants propagate any layout and fuse.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x, lo, hi = wildcard(), wildcard(), wildcard()
+    pattern = is_op("relax.clip")(x, lo, hi)
+
+    def constant(bound):
+        # a FloatImm (TVM 0.27), or a PrimValue wrapping one; anything else is dynamic
+        value = getattr(bound, "value", None)
+        value = getattr(value, "value", value)
+        return value if isinstance(value, (int, float)) else None
+
+    def rewrite(expr, matches):
+        low, high = constant(matches[lo]), constant(matches[hi])
+        if low is None or high is None:
+            return expr
+        dtype = expr.ty.dtype
+        return relax.op.minimum(relax.op.maximum(matches[x], relax.const(low, dtype)),
+                                relax.const(high, dtype))
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.ClipAsMinMax")
+    def transform(mod, _ctx):
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = rewrite_call(pattern, rewrite, func)
+        return mod
+
+    return transform
 
 
 def _blocked(layout: str) -> bool:

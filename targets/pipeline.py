@@ -60,18 +60,13 @@ def prepare(mod, target, *, prepack: bool = True, layout_block: int = 0):
     import tvm
     from tvm import relax
 
-    from .layouts import blocked_layout_pass, legalize_map
+    from .layouts import legalize_map
 
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings()])(mod)
     if layout_block:
-        try:
-            with target:
-                mod = blocked_layout_pass(layout_block)(mod)
-        except Exception as e:  # TVM's layout inference rejects some op patterns outright
-            log.info("blocked conv layouts not applied (%s: %s); keeping NCHW",
-                     type(e).__name__, str(e).splitlines()[0][:200])
+        mod = _blocked(mod, target, layout_block)
     passes = [  # TVM's "zero" pipeline, with graphopt's legalizations first
         relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
         relax.transform.AnnotateTIROpPattern(),
@@ -83,6 +78,20 @@ def prepare(mod, target, *, prepack: bool = True, layout_block: int = 0):
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
         return tvm.transform.Sequential(passes)(mod)
+
+
+def _blocked(mod, target, lanes: int):
+    """Blocked conv layouts: per-conv blocks, else one block for all, else NCHW."""
+    from .layouts import blocked_layout_pass
+
+    for uniform in (False, True):
+        try:
+            with target:
+                return blocked_layout_pass(lanes, uniform=uniform)(mod)
+        except Exception as e:  # TVM's layout inference rejects some graphs outright
+            log.info("blocked conv layouts (%s blocks) not applied: %s: %s", "uniform" if uniform
+                     else "per-conv", type(e).__name__, str(e).splitlines()[0][:200])
+    return mod
 
 
 def build(prepared, target, database, *, prepack: bool = True) -> Built:

@@ -5,6 +5,7 @@ through the Relax VM; outputs must match the torch graph within 1e-4 relative er
 (max abs diff / max abs of the reference).
 """
 import logging
+import re
 
 import pytest
 import torch
@@ -278,6 +279,34 @@ def test_layouts_are_a_choice_and_blocked_kernels_are_used(x86, block):
         ir = compiled.ir()
         assert ("conv2d_NCHWc" in ir) == bool(block)
         assert ("depthwise_conv2d_NCHWc" in ir) == bool(block)
+
+
+def test_relu6_keeps_the_blocked_layout_and_fuses(x86):
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 1), nn.ReLU6()).eval()
+    gm, x = torch.fx.symbolic_trace(model), torch.randn(1, 16, 6, 6)
+    with x86.replace(layout_block=16).compile(gm, (x,)) as compiled:
+        kernels = re.findall(r"def (\w+)\(", compiled.ir())
+        assert not [k for k in kernels if "clip" in k]  # no ReLU6 kernel of its own...
+        fused = [k for k in kernels if "conv2d_NCHWc" in k]
+        assert len(fused) == 2 and all("maximum_minimum" in k for k in fused)  # ...it is in the convs
+        assert rel_error(compiled(x), gm(x)) < 1e-4
+
+
+def test_mixed_blocks_fall_back_to_one_block_for_the_model():
+    from tvm import relax
+
+    from graphopt.targets.layouts import uniform_block
+    from graphopt.targets.pipeline import prepare
+
+    model = nn.Sequential(nn.Conv2d(16, 24, 1), nn.ReLU(), nn.Conv2d(24, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    gm, x = torch.fx.symbolic_trace(model.eval()), torch.randn(1, 16, 6, 6)
+    x86 = graphopt.get_target("x86")
+    low = x86.lower(gm, (x,))
+    assert uniform_block(low.mod, 16) == 8
+    prepared = prepare(low.mod, x86.tvm(), layout_block=16)
+    assert isinstance(prepared["main"], relax.Function)
+    with x86.replace(layout_block=16).compile(gm, (x,)) as compiled:
+        assert rel_error(compiled(x), gm(x)) < 1e-4
 
 
 def test_x86_default_layout_follows_the_vector_width(x86):

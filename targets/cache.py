@@ -36,6 +36,8 @@ import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from graphopt.errors import TargetError
+
 __all__ = ["CacheSnapshot", "TuningCache", "default_cache_dir"]
 
 log = logging.getLogger("graphopt.targets")
@@ -76,7 +78,11 @@ class TuningCache:
 
     def __init__(self, target_key: str, root: Optional[os.PathLike] = None):
         self.dir = Path(root or default_cache_dir()) / "tuning" / target_key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TargetError(f"cannot create the tuning cache {self.dir} ({e}); point "
+                              "GRAPHOPT_CACHE_DIR (or Target.cache_dir) at a writable directory") from e
 
     def _lock(self):
         from filelock import FileLock

@@ -122,6 +122,25 @@ def test_second_run_is_a_cache_hit(first_run, x86, caplog):
     compiled.close()
 
 
+def test_second_optimize_reports_the_cache_hit(first_run, x86, caplog):
+    gm, inputs = conv_model()
+    with caplog.at_level(logging.INFO, logger="graphopt"):
+        opt = graphopt.optimize(gm, target=x86, example_inputs=inputs, tune_trials=TRIALS,
+                                progress=False, measure_latency=False)
+    assert opt.report.compile["trials_run"] == 0 and opt.report.compile["cache_hits"] == 1
+    assert "cache hit" in caplog.text
+    opt.compiled.close()
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path):
+    from graphopt.errors import TargetError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(TargetError, match="GRAPHOPT_CACHE_DIR"):
+        TuningCache("k", root=blocker)
+
+
 def test_untuned_build_ignores_the_cache(first_run, x86):
     gm, inputs = conv_model()
     with x86.compile(gm, inputs, tune_trials=0) as compiled:

@@ -95,6 +95,9 @@ class TuningCache:
         """Copy the shared database (repaired if damaged) into ``into`` and open it there."""
         from tvm.s_tir.meta_schedule.database import JSONDatabase
 
+        from .measure import load_cpu_intrinsics
+
+        load_cpu_intrinsics()  # records of tensorized schedules name intrinsics TVM must know to parse them
         into = Path(into)
         into.mkdir(parents=True, exist_ok=True)
         with self._lock():
@@ -162,6 +165,9 @@ class TuningCache:
         """
         from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 
+        from .measure import load_cpu_intrinsics
+
+        load_cpu_intrinsics()
         records = list(records)
         with self._lock():
             self._repaired_lines()  # never let TVM append after a truncated line

@@ -47,6 +47,7 @@ class TuningInfo:
         trials_requested: the model's budget (``tune_trials``).
         trials_run: candidates measured in this run.
         tasks: tuning tasks (distinct fused kernels) in the model.
+        tasks_skipped: kernels not worth tuning (weights-only, reshapes).
         tasks_tuned: tasks tuned in this run.
         cache_hits: tasks the cache already had with enough trials.
         tasks_with_records: tasks the build found a tuned schedule for.
@@ -57,6 +58,7 @@ class TuningInfo:
     trials_requested: int = 0
     trials_run: int = 0
     tasks: int = 0
+    tasks_skipped: int = 0
     tasks_tuned: int = 0
     cache_hits: int = 0
     tasks_with_records: int = 0
@@ -267,20 +269,23 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
         tmp = Path(tmp)
         snap = cache.snapshot(tmp / "snapshot")
         todo = []
+        info.tasks_skipped = sum(t.skip for t in tasks)
         for task in tasks:
-            known = snap.database.has_workload(task.mod)
-            task.done = snap.budgets.get(task.key, 0) if known else 0
-            if task.budget == 0 or task.done >= task.budget:
-                info.cache_hits += task.budget > 0 or task.done > 0
+            if task.skip:
+                continue
+            task.done = snap.budgets.get(task.key, 0) if snap.database.has_workload(task.mod) else 0
+            if task.done >= task.budget:
+                info.cache_hits += task.done > 0
             else:
                 todo.append(task)
         if not todo:
-            log.info("%s: tuning cache hit: all %d tuned tasks already have >= their budget "
-                     "(%d trials for the model); no tuning", target.name, info.cache_hits, trials)
+            log.info("%s: tuning cache hit: all %d kernels worth tuning already have >= their budget "
+                     "(%d trials for the model): no tuning", target.name, info.cache_hits, trials)
         else:
             run_trials = sum(t.budget - t.done for t in todo)
-            log.info("%s: tuning %d of %d tasks with %d trials (%d tasks from the cache, cache hit) in %s",
-                     target.name, len(todo), len(tasks), run_trials, info.cache_hits, cache.dir)
+            log.info("%s: tuning %d kernels with %d trials (%d cache hits; %d kernels that only touch "
+                     "weights or only reshape are not tuned); cache %s", target.name, len(todo),
+                     run_trials, info.cache_hits, info.tasks_skipped, cache.dir)
             work = tmp / "work"
             work.mkdir()
             tuning_db = JSONDatabase(work_dir=str(work))

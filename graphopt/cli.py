@@ -99,7 +99,8 @@ def cmd_targets(args) -> int:
 
     for name in list_targets():
         t = graphopt.get_target(name)
-        print(f"{name}: {getattr(t, 'description', '') or t!r}")
+        describe = getattr(t, "describe", None)
+        print(f"{name}: {describe() if callable(describe) else t!r}")
     return 0
 
 

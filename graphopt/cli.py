@@ -100,7 +100,8 @@ def cmd_targets(args) -> int:
     for name in list_targets():
         t = graphopt.get_target(name)
         describe = getattr(t, "describe", None)
-        print(f"{name}: {describe() if callable(describe) else t!r}")
+        line = describe() if callable(describe) else repr(t)
+        print(f"{name}: {line}")
     return 0
 
 

@@ -94,6 +94,7 @@ def test_targets_lists_presets():
     out = graphopt_cli("targets")
     assert out.returncode == 0
     assert all(f"{n}:" in out.stdout for n in ("x86", "arm", "arm-rpi4", "arm-neoverse-n1", "arm-a55"))
+    assert "arm-rpi4: Raspberry Pi 4 (Cortex-A72" in out.stdout  # the description itself, not its repr
 
 
 def test_demo_pipeline_leaves_out_what_is_not_installed():

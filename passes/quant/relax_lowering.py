@@ -97,7 +97,10 @@ def translate_quantize(node, importer):
     x, scale, zp, qmin, qmax, dtype = node.args
     bb = importer.block_builder
     r = R.add(R.round(R.divide(importer.env[x], _f32(scale))), _f32(zp))
-    return bb.emit(R.astype(R.clip(r, float(qmin), float(qmax)), _dtype(dtype)))
+    out = bb.emit(R.astype(R.clip(r, float(qmin), float(qmax)), _dtype(dtype)))
+    # a conv reading this can quantize while it gathers its windows (and this op then goes dead)
+    _quantized_source(importer)[out] = (importer.env[x], (scale, zp, qmin, qmax, _dtype(dtype)))
+    return out
 
 
 @register_translation("q8_dequantize.default")
@@ -154,7 +157,7 @@ def pack_weight(weight):
                       name="packed_weight")
 
 
-def im2col(data, kernel, stride, padding, dilation, pad_value: int, blocked_channels: int = 0):
+def im2col(data, kernel, stride, padding, dilation, pad_value: int, blocked_channels: int = 0, quant=None):
     """TE: ``(N, C, *spatial)`` -> ``(N, *out, *kernel, C/4, 4)``; outside the image: ``pad_value``.
 
     One input window per output position, channels innermost in groups of 4 (what one
@@ -164,6 +167,9 @@ def im2col(data, kernel, stride, padding, dilation, pad_value: int, blocked_chan
     ``blocked_channels = C``: ``data`` is a previous layer's ``(N, *spatial, C/16, 16)`` output,
     read directly. Its padding lanes hold finite values that meet zero weights, so the channel
     bound needs no check, and each window row is one contiguous copy.
+
+    ``quant = (scale, zero_point, qmin, qmax, dtype)``: ``data`` is float32 and is quantized
+    on the fly, with exactly ``q8_quantize``'s float32 steps.
     """
     from tvm import te, tirx
 
@@ -184,9 +190,15 @@ def im2col(data, kernel, stride, padding, dilation, pad_value: int, blocked_chan
         else:
             value = data[(b, cb * RED + ci, *pos)]
             inside.append(cb * RED + ci < c)
+        if quant is not None:
+            scale, zp, qmin, qmax, dtype = quant
+            r = tirx.round(value / tirx.const(scale, "float32")) + tirx.const(float(zp), "float32")
+            value = tirx.max(tirx.min(r, tirx.const(float(qmax), "float32")),
+                             tirx.const(float(qmin), "float32")).astype(dtype)
         if not inside:
             return value
-        return tirx.if_then_else(tirx.all(*inside), value, tirx.const(pad_value, data.dtype))
+        out_dtype = quant[4] if quant is not None else data.dtype
+        return tirx.if_then_else(tirx.all(*inside), value, tirx.const(pad_value, out_dtype))
 
     return te.compute((n, *out, *kernel, _ceil_to(c, RED) // RED, RED), f, name="im2col")
 
@@ -301,8 +313,20 @@ def _im2col(bb, importer, data, kernel, stride, padding, dilation, x_zp: int):
         blocked, channels = source
         return emit_gather(bb, "im2col_blocked", im2col, [blocked], kernel, stride, padding, dilation, x_zp,
                            channels, vector_tail=2)
+    quantized = _quantized_source(importer).get(data)
+    if quantized is not None:  # quantize the float input while gathering
+        source, quant = quantized
+        return emit_gather(bb, "quantize_im2col", im2col, [source], kernel, stride, padding, dilation, x_zp,
+                           0, quant, inner_spatial=len(kernel) == 2)
     return emit_gather(bb, "im2col", im2col, [data], kernel, stride, padding, dilation, x_zp,
                        inner_spatial=len(kernel) == 2)
+
+
+def _quantized_source(importer):
+    """Per lowering: quantized tensor -> (the float tensor, its quantization)."""
+    if not hasattr(importer, "_graphopt_quantized"):
+        importer._graphopt_quantized = {}
+    return importer._graphopt_quantized
 
 
 def _from_lane_blocks(bb, importer, y, o: int):

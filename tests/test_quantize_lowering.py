@@ -1,6 +1,7 @@
 """The quantized graph compiled with TVM: integer kernels, and the same answers as the simulation."""
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -157,3 +158,90 @@ def test_fashion_mnist_int8_on_arm_under_qemu():
             assert agreement(opt.graph_module(x), opt.compiled(x)) >= 0.99
     finally:
         opt.compiled.close()
+
+
+# --- tuned code uses the dot-product instructions (tiny budgets, private caches) --------------------
+
+def _disassembly(compiled, tmp_path, objdump):
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} is not installed")
+    lib = compiled.save(tmp_path / "model") / "model.so"
+    return subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _two_convs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 32, 1)).eval()
+    return model, (torch.randn(1, 16, 14, 14),)
+
+
+def test_tuned_x86_int8_uses_vnni(tmp_path):
+    target = graphopt.get_target("x86")
+    if "avx512_vnni" not in target.features:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    model, inputs = _two_convs()
+    opt = graphopt.optimize(model, ["quantize"], target=target.replace(cache_dir=str(tmp_path / "cache")),
+                            example_inputs=inputs, calibration_data=calibration(inputs[0].shape), progress=False,
+                            on_error="raise", tune_trials=8, measure_latency=False)
+    assert torch.equal(opt(*inputs), opt.graph_module(*inputs))
+    asm = _disassembly(opt.compiled, tmp_path, "objdump")
+    assert re.search(r"\svpdpbusd\s", asm), "tuned int8 GEMMs should be tensorized with VNNI (dot_16x4_vnni)"
+
+
+def _gemm_design_spaces(target_name, activation_dtype):
+    """MetaSchedule's design spaces for the packed int8 GEMM tasks of a small quantized model."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.measure import load_cpu_intrinsics
+    from graphopt.targets.pipeline import prepare
+
+    model, inputs = _two_convs()
+    gm = quantized(model, inputs, {"activation_dtype": activation_dtype}, passes=()).graph_module
+    target = graphopt.get_target(target_name)
+    tvm_target = target.tvm()
+    load_cpu_intrinsics()
+    prepared = prepare(target.lower(gm, inputs).mod, tvm_target)
+    traces = []
+    for task in ms.relax_integration.extract_tasks(prepared, tvm_target):
+        if "gemm_packed" in task.task_name:
+            ctx = ms.TuneContext(mod=task.dispatched[0], target=tvm_target, space_generator="post-order-apply",
+                                 task_name=task.task_name)
+            traces += [str(sch.trace) for sch in ctx.space_generator.generate_design_space(ctx.mod)]
+    assert traces
+    return traces
+
+
+@pytest.mark.parametrize("target_name,dtype,intrinsic", [
+    ("x86", "uint8", "dot_16x4_vnni"),
+    ("arm-a55", "int8", "dot_4x4_i8i8s32_sdot"),
+    ("arm-neoverse-n1", "int8", "dot_4x4_i8i8s32_sdot"),
+    ("arm-rpi4", "int8", "dot_4x4_i8i8s32_neon"),
+])
+def test_int8_gemms_are_offered_to_the_cores_dot_product(target_name, dtype, intrinsic):
+    if target_name == "x86" and "avx512_vnni" not in graphopt.get_target("x86").features:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    traces = _gemm_design_spaces(target_name, dtype)
+    assert any(intrinsic in t for t in traces), "MetaSchedule would never tensorize these GEMMs"
+    if target_name == "arm-rpi4":
+        assert not any("sdot" in t for t in traces)  # the Cortex-A72 has no dot product: it would SIGILL
+
+
+@needs_arm
+@pytest.mark.slow
+def test_tuned_arm_int8_uses_sdot(tmp_path):
+    from graphopt.targets.rpc import LoopbackDeviceFarm
+
+    model, inputs = _two_convs()
+    base = graphopt.get_target("arm-a55")
+    with LoopbackDeviceFarm(cpu=base.qemu_cpu, key="q8-a55") as farm:
+        target = base.replace(tracker=farm.tracker, key=farm.key, cache_dir=str(tmp_path / "cache"))
+        opt = graphopt.optimize(model, ["quantize"], target=target, example_inputs=inputs,
+                                calibration_data=calibration(inputs[0].shape), progress=False, on_error="raise",
+                                tune_trials=16, measure_latency=False)
+        try:  # the model runs on the farm's device: check it before the farm goes away
+            assert torch.equal(torch.as_tensor(opt(*inputs)), opt.graph_module(*inputs))
+            assert re.search(r"\ssdot\s", _disassembly(opt.compiled, tmp_path, "aarch64-linux-gnu-objdump"))
+        finally:
+            opt.compiled.close()

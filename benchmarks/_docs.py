@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
 
-def write_block(page: str, text: str) -> Path:
-    """Replace the marked block of ``docs/page`` with ``text`` (append the markers if absent)."""
+def write_block(page: str, text: str, marker: str = "benchmark", heading: Optional[str] = None) -> Path:
+    """Replace the ``<!-- marker:start/end -->`` block of ``docs/page`` with ``text``.
+
+    If the page has no such block yet, it is appended (after ``heading``, when given).
+    """
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     path = DOCS / page
-    block = f"{START}\n{text.strip()}\n{END}"
+    block = f"{start}\n{text.strip()}\n{end}"
     doc = path.read_text() if path.exists() else ""
-    if START in doc:
-        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
+    if start in doc:
+        doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
     else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
+        doc = doc.rstrip() + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
     path.write_text(doc)
     return path

@@ -50,12 +50,11 @@ import torch.nn as nn
 import graphopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _docs import write_block  # noqa: E402
 from latency import graphopt_runner, interleaved, machine, quantile  # noqa: E402
 from models import MODELS, randomize_bn  # noqa: E402
 
 log = logging.getLogger("graphopt.bench")
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-START, END = "<!-- int8-benchmark:start -->", "<!-- int8-benchmark:end -->"
 
 
 class ConvNet(nn.Module):
@@ -278,18 +277,6 @@ def render(rows: List[dict], info: dict, args) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> Path:
-    path = DOCS / "performance.md"
-    block = f"{START}\n{text.strip()}\n{END}"
-    doc = path.read_text() if path.exists() else "# Performance\n"
-    if START in doc:
-        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip() + "\n\n## int8 (benchmarks/int8.py)\n\n" + block + "\n"
-    path.write_text(doc)
-    return path
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["default", "convnet"], choices=sorted(BENCH_MODELS))
@@ -310,7 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = render(rows, machine(), args)
     print(text)
     if not args.no_docs:
-        print(f"\nwritten to {write_docs(text)}")
+        path = write_block("performance.md", text, marker="int8-benchmark", heading="## int8 (benchmarks/int8.py)")
+        print(f"\nwritten to {path}")
     return 0
 
 

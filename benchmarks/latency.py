@@ -11,8 +11,10 @@ Prints the table and writes it into docs/performance.md (between the benchmark m
 with the machine, thread count, tuning budget and tuning time.
 
 Usage:
-    python benchmarks/latency.py [--trials 2000] [--models mobilenet_v2 resnet18 default]
+    python benchmarks/latency.py [--trials 2000] [--models mobilenet_v2 resnet18 default:256]
                                  [--threads 2] [--rounds 100] [--no-docs]
+
+A model may carry its own budget (``default:256``); the others get ``--trials``.
 
 Tuning time: roughly 1-2 s per trial on 2 cores. A second run with the same budget hits
 the tuning cache (``$GRAPHOPT_CACHE_DIR``, default ``~/.cache/graphopt``) and tunes
@@ -110,24 +112,32 @@ def load_tuning_record() -> dict:
         return {}
 
 
-def bench_model(name: str, args) -> dict:
+def model_budget(spec: str, default_trials: int):
+    """``"resnet18"`` -> ("resnet18", default_trials); ``"default:256"`` -> ("default", 256)."""
+    name, _, trials = spec.partition(":")
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return name, int(trials) if trials else default_trials
+
+
+def bench_model(name: str, trials: int, args) -> dict:
     model, inputs = MODELS[name]()
     target = graphopt.get_target(args.target).replace(num_threads=args.threads)
     row = {"model": name, "input": "x".join(map(str, inputs[0].shape))}
     log.info("%s: compiling untuned", name)
     untuned = graphopt.optimize(model, target=target, example_inputs=inputs, tune_trials=0,
                                 measure_latency=False, progress=False).compiled
-    log.info("%s: compiling with %d trials", name, args.trials)
-    tuned = graphopt.optimize(model, target=target, example_inputs=inputs, tune_trials=args.trials,
+    log.info("%s: compiling with %d trials", name, trials)
+    tuned = graphopt.optimize(model, target=target, example_inputs=inputs, tune_trials=trials,
                               measure_latency=False, progress=not args.quiet).compiled
     info = tuned.tuning
     record = load_tuning_record()
-    key = f"{name}/{target.cache_key()}/{args.trials}"
+    key = f"{name}/{target.cache_key()}/{trials}"
     if info.trials_run:  # this run filled (part of) the cache: remember what it cost
         record[key] = {"seconds": round(info.seconds, 1), "trials_run": info.trials_run,
                        "date": datetime.date.today().isoformat()}
         TUNING_RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    row.update(trials=args.trials, tasks=info.tasks - info.tasks_skipped, trials_run_now=info.trials_run,
+    row.update(trials=trials, tasks=info.tasks - info.tasks_skipped, trials_run_now=info.trials_run,
                tuning_s_now=round(info.seconds, 1), cache_hits=info.cache_hits,
                tuning_s_recorded=record.get(key, {}).get("seconds"),
                err_tuned=check_outputs(model, tuned, inputs))
@@ -185,8 +195,8 @@ def render(rows: List[dict], info: dict, args) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18", "default"],
-                        choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18", "default:256"],
+                        help=f"models, each optionally name:trials; from {sorted(MODELS)}")
     parser.add_argument("--trials", type=int, default=2000, help="MetaSchedule trials per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (5 timed runs each)")
@@ -199,7 +209,7 @@ def main(argv=None) -> int:
     for noisy in ("torch", "tvm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    rows = [bench_model(name, args) for name in args.models]
+    rows = [bench_model(*model_budget(spec, args.trials), args) for spec in args.models]
     text = render(rows, machine(), args)
     print(text)
     if not args.no_docs:

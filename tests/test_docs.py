@@ -9,7 +9,7 @@ import torch
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 MODULES = ["graphopt", "graphopt.api", "graphopt.capture", "graphopt.pass_registry", "graphopt.manager",
-           "graphopt.analysis.graphview"]
+           "graphopt.analysis.graphview", "graphopt.models.reference"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -161,7 +161,12 @@ def optimize(
     manager.check_needs(ctx)
     gm = capture(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if tgt is not None and (measure_latency or measure_latency is None) and hasattr(tgt, "measure_latency"):
-        reporter.latency_fn = lambda g: tgt.measure_latency(g, example)
+        if getattr(tgt, "emulated", False):  # qemu timings say nothing about the device
+            if measure_latency:
+                log.warning("%s runs under qemu emulation here: per-pass latency is not measured; give the "
+                            "target rpc= or tracker= to time passes on a real device", tgt.name)
+        else:
+            reporter.latency_fn = lambda g: tgt.measure_latency(g, example)
     ctx.original = gm
     final = manager.run(gm, ctx)
     compiled = None

@@ -74,6 +74,17 @@ def test_tuning_an_emulated_target_warns_and_builds_untuned(sysroot):
         assert rel_error(compiled(x), gm(x)) < 1e-4
 
 
+def test_optimize_for_an_emulated_target_reports_no_latency(sysroot):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    opt = graphopt.optimize(model, ["fuse_conv_bn"], target="arm", example_inputs=(x,), progress=False)
+    with opt.compiled:
+        record = opt.report["fuse_conv_bn"]
+        assert record.status == "applied" and record.latency_ms_after is None  # qemu timings mean nothing
+        assert "nan" not in opt.report.to_text().lower()
+        assert rel_error(opt.compiled(x), opt.graph_module(x)) < 1e-4
+
+
 @pytest.mark.parametrize("name", DOTPROD_SUBSET)
 def test_zoo_subset_on_a_dotprod_core(sysroot, name):
     model, inputs = zoo.build(name)

@@ -171,18 +171,27 @@ def _legalize_conv2d(bb, call):
                       primfunc_name_hint="depthwise_conv2d_NCHWc")
 
 
-def _pad_and_size(data, kernel_hw, strides, padding, dilation):
-    from tvm import topi
-
+def _pad_and_size(data, kernel_hw, strides, padding, dilation, pad_attrs=None):
     height, width = int(data.shape[2]), int(data.shape[3])
     (kh_size, kw_size), (sh, sw), (dh, dw) = kernel_hw, strides, dilation
     top, left, bottom, right = padding
-    padded = data
-    if any(padding):
-        padded = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="pad_temp")
+    padded = _pad_hw(data, top, left, bottom, right, pad_attrs) if any(padding) else data
     out_h = (height + top + bottom - (kh_size - 1) * dh - 1) // sh + 1
     out_w = (width + left + right - (kw_size - 1) * dw - 1) // sw + 1
     return padded, out_h, out_w
+
+
+def _pad_hw(data, top, left, bottom, right, attrs=None):
+    """Zero-pad H and W of an NCHW[b]c tensor (TOPI's ``pad``, plus block annotations)."""
+    from tvm import te, tirx
+
+    n, c, h, w, b = (int(d) for d in data.shape)
+
+    def value(i, j, y, x, k):
+        inside = tirx.all(y >= top, y < top + h, x >= left, x < left + w)
+        return tirx.if_then_else(inside, data[i, j, y - top, x - left, k], tirx.const(0, data.dtype))
+
+    return te.compute((n, c, h + top + bottom, w + left + right, b), value, name="pad_temp", attrs=attrs or {})
 
 
 def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
@@ -190,13 +199,17 @@ def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
 
     Unlike TOPI's ``conv2d_NCHWc`` (one fused input-channel reduction indexed with div/mod),
     the input-channel chunk and block are separate reduction axes, so the block stays a
-    clean, contiguous axis for the schedule search to vectorize and unroll.
+    clean, contiguous axis to vectorize and unroll. The blocks carry the annotations of
+    graphopt's hand-written design space (:mod:`graphopt.targets.schedules`).
     """
     from tvm import te
 
+    from .schedules import CONV2D_NCHWC_RULE
+
     kh_size, kw_size = int(kernel.shape[2]), int(kernel.shape[3])
     strides, dilation = [int(s) for s in strides], [int(d) for d in dilation]
-    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation)
+    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation,
+                                         pad_attrs={"schedule_rule": "None"})
     (sh, sw), (dh, dw) = strides, dilation
     icc = te.reduce_axis((0, int(kernel.shape[1])), name="icc")
     icb = te.reduce_axis((0, int(kernel.shape[4])), name="icb")
@@ -207,7 +220,7 @@ def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
         lambda n, oc, h, w, ob: te.sum(
             padded[n, icc, h * sh + kh * dh, w * sw + kw * dw, icb].astype(out_dtype)
             * kernel[oc, icc, kh, kw, icb, ob].astype(out_dtype), axis=[icc, kh, kw, icb]),
-        name="conv2d_NCHWc")
+        name="conv2d_NCHWc", attrs={"schedule_rule": CONV2D_NCHWC_RULE})
 
 
 def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):

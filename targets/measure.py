@@ -133,10 +133,15 @@ def measure_tools(target) -> Tuple[object, object]:
         return (persistent_builder(None, BUILD_TIMEOUT_S, f_export),
                 make_ms_runner(target.tracker, target.key))
     if target.native:
+        from .runtime import set_runtime_threads
+
         config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
                                            enable_cpu_cache_flush=False)
+        # candidates are timed with the thread count the model will run with: TVM's default in
+        # the runner's worker was one thread here, which tuned for (and measured) one core
+        threads = functools.partial(set_runtime_threads, target.runtime_threads)
         return (persistent_builder(None, BUILD_TIMEOUT_S, export_shared_library),
-                ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=config))
+                ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=config, initializer=threads))
     raise TargetError(f"{target.name}: nothing can time candidates here (emulated, no tracker=)")
 
 

@@ -31,9 +31,13 @@ _AFFINITY_BIG = 1  # TVM's ThreadGroup::kBig: on a homogeneous CPU, every core
 def set_runtime_threads(n: int) -> None:
     """Set TVM's runtime thread pool to ``n`` threads (process-wide; cheap when unchanged).
 
-    Done explicitly because TVM's default looked single-threaded on these machines (design.md).
-    TVM pins the calling thread to core 0 while configuring its pool; that pin is undone,
-    or PyTorch and ONNX Runtime threads started later in this process would share one core.
+    Done explicitly because TVM's default is single-threaded on these machines: without
+    ``TVM_NUM_THREADS`` its pool is capped at half the logical cores (it assumes
+    hyper-threading), and ``runtime.config_threadpool`` cannot raise that cap, so the
+    variable is set (process-wide, inherited by child processes) before the pool is
+    reconfigured. TVM pins the calling thread to core 0 while configuring its pool; that pin
+    is undone, or PyTorch and ONNX Runtime threads started later in this process would
+    share one core.
     """
     if _THREADS[0] == n:
         return
@@ -44,6 +48,7 @@ def set_runtime_threads(n: int) -> None:
         affinity = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         affinity = None
+    os.environ["TVM_NUM_THREADS"] = str(int(n))
     tvm_ffi.get_global_func("runtime.config_threadpool")(_AFFINITY_BIG, int(n))
     if affinity is not None:
         os.sched_setaffinity(0, affinity)

@@ -216,13 +216,16 @@ def _tune_one(task: _Task, trials: int, *, work_dir: Path, database, builder, ru
               callbacks, seed: int) -> None:
     from tvm.s_tir import meta_schedule as ms
 
+    from .schedules import space_generator
+
     per_iter = min(MAX_TRIALS_PER_ITER, trials)
     population = min(512, max(64, 8 * per_iter))
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(50, population // 2))
     logger = _file_logger(work_dir, f"task_{seed}")
     try:
-        context = ms.TuneContext(mod=task.mod, target=task.target, space_generator="post-order-apply",
+        space = space_generator(task.mod, task.target)
+        context = ms.TuneContext(mod=task.mod, target=task.target, space_generator=space,
                                  search_strategy=strategy, task_name=task.name, logger=logger,
                                  rand_state=seed, num_threads="physical").clone()
         ms.tune_tasks(tasks=[context], task_weights=[float(task.weight)], work_dir=str(work_dir),
@@ -259,6 +262,7 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
 
     from .cache import TuningCache
     from .measure import load_cpu_intrinsics, measure_tools, progress_callback, shutdown
+    from .schedules import register as register_schedule_rules
 
     tasks = _extract(prepared, tvm_target)
     info.tasks = len(tasks)
@@ -290,6 +294,7 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
             work.mkdir()
             tuning_db = JSONDatabase(work_dir=str(work))
             load_cpu_intrinsics()
+            register_schedule_rules()
             builder, runner = measure_tools(target)
             cost_model = ms.CostModel.create("xgb", num_tuning_cores=max(1, target.runtime_threads))
             bar_factory = progress or _no_bar

@@ -36,6 +36,10 @@ __all__ = ["Target"]
 _log = logging.getLogger("graphopt.targets")
 
 #: Debian packages that provide the tools a target may need (named in errors).
+# bumped when the way candidates are timed changes, so records measured the old way are not reused
+# (2: the runner uses the target's thread count; before, TVM's default of one thread on these machines)
+MEASUREMENT_VERSION = 2
+
 TOOL_PACKAGES = {
     "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
@@ -159,12 +163,14 @@ class Target:
     def cache_key(self) -> str:
         """Identity of the code this target generates: tuning records are shared under it.
 
-        Only what changes generated code counts (the TVM target and TVM's version), so
+        What changes generated code or its timings counts (the TVM target, TVM's version, the
+        runtime thread count the candidates were timed with, and the measurement method), so
         ``arm-rpi4`` tuned through a tracker and the same CPU described by hand share records.
         """
         import tvm
 
-        payload = json.dumps({"tvm_target": self.tvm_target, "tvm": tvm.__version__}, sort_keys=True)
+        payload = json.dumps({"tvm_target": self.tvm_target, "tvm": tvm.__version__,
+                              "threads": self.runtime_threads, "measurement": MEASUREMENT_VERSION}, sort_keys=True)
         # layouts change the workloads themselves, so they need no place in the key
         return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 

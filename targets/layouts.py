@@ -60,6 +60,23 @@ def _conv_block(call, lanes: int) -> Tuple[int, bool]:
     return 0, False
 
 
+def _narrow_input_block(call, lanes: int) -> Tuple[int, int]:
+    """(c_in, output block) for a dense conv with fewer than MIN_BLOCK input channels, else (0, 0).
+
+    A network's stem (3 RGB channels, 1 grey) cannot share a block with its output, but it
+    can read its whole input channel dimension as one block: NCHW3c in, NCHW16c out. Its
+    input is then a cheap transpose of the image, and the stem, often the heaviest single
+    layer (ResNet's 7x7), runs the register-tiled blocked kernel instead of plain NCHW.
+    """
+    weight_shape = [int(s) for s in call.args[1].ty.shape]
+    data_shape = [int(s) for s in call.args[0].ty.shape]
+    if (call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or len(data_shape) != 4
+            or int(call.attrs.groups) != 1 or data_shape[1] >= MIN_BLOCK):
+        return 0, 0
+    block = choose_block(weight_shape[0], weight_shape[0], lanes)
+    return (data_shape[1], block) if block else (0, 0)
+
+
 def _conv_calls(mod):
     from tvm import relax
 
@@ -79,7 +96,7 @@ def uniform_block(mod, lanes: int) -> int:
     return min(blocks) if blocks else 0
 
 
-def blocked_layout_pass(lanes: int, uniform: bool = False):
+def blocked_layout_pass(lanes: int, uniform: bool = False, narrow_inputs: bool = True):
     """A Relax pass giving every eligible conv2d an NCHW[block]c layout (see module doc).
 
     Args:
@@ -87,6 +104,7 @@ def blocked_layout_pass(lanes: int, uniform: bool = False):
         uniform: one block for the whole module (the largest all convs share), instead of
             the largest per conv: no block-to-block conversions, and TVM's layout inference
             accepts graphs where mixed blocks meet (it rejects some, e.g. MobileNetV2's).
+        narrow_inputs: block convs with 1-3 input channels too (see :func:`_narrow_input_block`).
     """
     import tvm
     from tvm import relax
@@ -99,6 +117,9 @@ def blocked_layout_pass(lanes: int, uniform: bool = False):
             if getattr(call.op, "name", None) != "relax.nn.conv2d":
                 return {}
             block, depthwise = _conv_block(call, limit) if limit else (0, False)
+            c_in, out_block = _narrow_input_block(call, limit) if limit and narrow_inputs else (0, 0)
+            if not block and out_block:
+                return {"relax.nn.conv2d": [f"NCHW{c_in}c", f"OIHW{c_in}i{out_block}o", f"NCHW{out_block}c"]}
             if not block:
                 return {"relax.nn.conv2d": ["NCHW", "OIHW"]}
             return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o" if depthwise

@@ -84,13 +84,14 @@ def _blocked(mod, target, lanes: int):
     """Blocked conv layouts: per-conv blocks, else one block for all, else NCHW."""
     from .layouts import blocked_layout_pass
 
-    for uniform in (False, True):
+    for uniform, narrow in ((False, True), (True, True), (True, False)):
         try:
             with target:
-                return blocked_layout_pass(lanes, uniform=uniform)(mod)
+                return blocked_layout_pass(lanes, uniform=uniform, narrow_inputs=narrow)(mod)
         except Exception as e:  # TVM's layout inference rejects some graphs outright
-            log.info("blocked conv layouts (%s blocks) not applied: %s: %s", "uniform" if uniform
-                     else "per-conv", type(e).__name__, str(e).splitlines()[0][:200])
+            log.info("blocked conv layouts (%s blocks%s) not applied: %s: %s", "uniform" if uniform
+                     else "per-conv", "" if narrow else ", narrow inputs in NCHW", type(e).__name__,
+                     str(e).splitlines()[0][:200])
     return mod
 
 

@@ -267,7 +267,7 @@ def test_channel_block_choice():
     assert choose_block(64, 128, 16) == 16
     assert choose_block(24, 144, 16) == 8
     assert choose_block(12, 36, 16) == 4
-    assert choose_block(3, 32, 16) == 0  # an RGB stem stays NCHW
+    assert choose_block(3, 32, 16) == 0  # an RGB stem shares no block with its output...
     assert choose_block(64, 64, 8) == 8
 
 
@@ -279,6 +279,18 @@ def test_layouts_are_a_choice_and_blocked_kernels_are_used(x86, block):
         ir = compiled.ir()
         assert ("conv2d_NCHWc" in ir) == bool(block)
         assert ("depthwise_conv2d_NCHWc" in ir) == bool(block)
+
+
+@pytest.mark.parametrize("c_in", [1, 3])
+def test_a_narrow_stem_reads_its_channels_as_one_block(x86, c_in):
+    """...so it reads NCHW{c_in}c and writes NCHW16c: the blocked kernel, not plain NCHW."""
+    model = nn.Sequential(nn.Conv2d(c_in, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    gm, x = torch.fx.symbolic_trace(model), torch.randn(1, c_in, 16, 16)
+    with x86.replace(layout_block=16).compile(gm, (x,)) as compiled:
+        kernels = re.findall(r"def (\w+)\(", compiled.ir())
+        convs = [k for k in kernels if "conv2d" in k]
+        assert len(convs) == 2 and all("NCHWc" in k for k in convs), convs
+        assert rel_error(compiled(x), gm(x)) < 1e-4
 
 
 def test_relu6_keeps_the_blocked_layout_and_fuses(x86):

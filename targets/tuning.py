@@ -31,11 +31,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from graphopt.errors import TargetError
 
-__all__ = ["TuningInfo", "allocate_trials", "tune"]
+__all__ = ["TuningInfo", "allocate_capped", "allocate_trials", "tune"]
 
 _log = logging.getLogger("graphopt.targets")
 
 FLOOR_TRIALS = 8        # per task, when the budget allows it
+CUSTOM_SPACE_TRIALS = 40  # a hand-written conv space has at most about 36 points (targets/schedules.py)
 MAX_TRIALS_PER_ITER = 64
 
 
@@ -72,6 +73,32 @@ class TuningInfo:
     def from_dict(cls, d: Dict[str, Any]) -> "TuningInfo":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def allocate_capped(total: int, costs: Sequence[Optional[float]], caps: Sequence[Optional[int]],
+                    floor: int = FLOOR_TRIALS) -> List[int]:
+    """:func:`allocate_trials`, but no task gets more than its cap (None: no cap).
+
+    A task with a small hand-written design space has nothing to spend more trials on; what
+    it cannot use goes to the others, in proportion to their costs.
+
+    Example:
+        >>> allocate_capped(100, [1e9, 1e8, 1e3], [40, None, None])
+        [40, 52, 8]
+    """
+    out = [0] * len(costs)
+    free = list(range(len(costs)))
+    while True:
+        shares = allocate_trials(total, [costs[i] for i in free], floor)
+        over = [i for i, b in zip(free, shares) if caps[i] is not None and b > caps[i]]
+        if not over or len(over) == len(free):
+            for i, b in zip(free, shares):
+                out[i] = min(b, caps[i]) if caps[i] is not None else b
+            return out
+        for i in over:
+            out[i] = caps[i]
+            total -= caps[i]
+            free.remove(i)
 
 
 def allocate_trials(total: int, costs: Sequence[Optional[float]], floor: int = FLOOR_TRIALS) -> List[int]:
@@ -262,11 +289,13 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
 
     from .cache import TuningCache
     from .measure import load_cpu_intrinsics, measure_tools, progress_callback, shutdown
+    from .schedules import CONV2D_NCHWC_RULE
     from .schedules import register as register_schedule_rules
 
     tasks = _extract(prepared, tvm_target)
     info.tasks = len(tasks)
-    for task, budget in zip(tasks, allocate_trials(trials, [t.cost for t in tasks])):
+    caps = [CUSTOM_SPACE_TRIALS if CONV2D_NCHWC_RULE in t.mod.script(show_meta=False) else None for t in tasks]
+    for task, budget in zip(tasks, allocate_capped(trials, [t.cost for t in tasks], caps)):
         task.budget = budget
     cache = TuningCache(target.cache_key(), root=target.cache_dir)
     with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as tmp:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.targets.cache import BUDGETS, RECORDS, WORKLOADS, TuningCache
-from graphopt.targets.tuning import allocate_trials
+from graphopt.targets.tuning import allocate_capped, allocate_trials
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -30,6 +30,13 @@ def test_allocation_sums_to_the_budget_and_favours_heavy_tasks():
     assert sum(out) == 200
     assert out == sorted(out, reverse=True) and min(out) >= 8  # the floor
     assert out[0] > 3 * out[1]
+
+
+def test_capped_allocation_gives_what_a_small_space_cannot_use_to_the_others():
+    assert allocate_capped(100, [1e9, 1e8, 1e3], [40, None, None]) == [40, 52, 8]
+    assert allocate_capped(100, [1e9, 1e9], [40, 40]) == [40, 40]  # nothing else to tune
+    assert allocate_capped(10, [1e9, None, 1e6], [5, None, None]) == [5, 0, 5]
+    assert allocate_capped(200, [1e9, 1e8], [None, None]) == allocate_trials(200, [1e9, 1e8])
 
 
 def test_allocation_edge_cases():

@@ -226,14 +226,15 @@ def arm(model, calib, args) -> dict:
         with LoopbackDeviceFarm(cpu=base.qemu_cpu, key=f"int8-{name}") as farm:
             target = base.replace(tracker=farm.tracker, key=farm.key)
             opt = build(model, (images,), ["fuse_conv_bn", "quantize"], target, args.arm_trials, calib)
-        counts = instruction_counts(opt.compiled, ARM_INSTRUCTIONS, "aarch64-linux-gnu-objdump")
-        limit = args.arm_images
-        agree = [float((opt.graph_module(x).argmax(1) == opt.compiled(x).argmax(1)).float().mean())
-                 for x, _ in fashion_mnist_batches("test", batch, limit)]
-        out[name] = {**counts, "accuracy": evaluate_accuracy(opt.compiled, batch_size=batch, limit=limit),
-                     "fp32_accuracy": evaluate_accuracy(model, batch_size=batch, limit=limit),
-                     "agreement": float(np.mean(agree)), "images": limit, "trials": args.arm_trials}
-        opt.compiled.close()
+            # the compiled model runs on the farm's (emulated) device: evaluate before the farm goes away
+            counts = instruction_counts(opt.compiled, ARM_INSTRUCTIONS, "aarch64-linux-gnu-objdump")
+            limit = args.arm_images
+            agree = [float((opt.graph_module(x).argmax(1) == opt.compiled(x).argmax(1)).float().mean())
+                     for x, _ in fashion_mnist_batches("test", batch, limit)]
+            out[name] = {**counts, "accuracy": evaluate_accuracy(opt.compiled, batch_size=batch, limit=limit),
+                         "fp32_accuracy": evaluate_accuracy(model, batch_size=batch, limit=limit),
+                         "agreement": float(np.mean(agree)), "images": limit, "trials": args.arm_trials}
+            opt.compiled.close()
     return {"arm": out}
 
 

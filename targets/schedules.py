@@ -1,16 +1,15 @@
 """Hand-written MetaSchedule design spaces for the kernels where the generic search falls short.
 
 MetaSchedule's generic rules (multi-level tiling over every loop) can express a fast blocked
-convolution, but the space is so large that a few hundred trials per kernel find a third
-of what the hardware can do: on this machine's ResNet-18 3x3 layers, 177 trials reached
-about 100 GFLOP/s. The schedule oneDNN, ONNX Runtime's MLAS and NeoCPU (Liu et al., 2019)
+convolution, but the space is so large that a few hundred trials per kernel rarely find
+it. The schedule oneDNN, ONNX Runtime's MLAS and NeoCPU (Liu et al., 2019)
 use for ``NCHW[b]c`` convolutions is known: keep a register tile of ``ow_tile`` output
 pixels x ``oc_tile`` output-channel blocks in vector registers, and for every input channel
 and kernel tap broadcast one input value per pixel and multiply-add it with one weight
 vector per block. That is written here once, as a MetaSchedule *custom rule* with only the
 knobs that matter (``ow_tile``, ``oc_tile``, unrolling the input-channel block) as sampled
-decisions, so tuning picks among a few dozen good candidates instead of searching for them;
-the same schedule reached 205-224 GFLOP/s on every ResNet-18 3x3 layer here.
+decisions, so tuning picks among a few dozen good candidates instead of searching for them
+(ResNet-18's convolutions: 193-230 GFLOP/s on 2 cores, ``benchmarks/kernels.py``).
 
 A compute definition opts in by annotating its block with ``schedule_rule =
 CONV2D_NCHWC_RULE`` (see :func:`graphopt.targets.layouts.conv2d_nchwc`); MetaSchedule's
@@ -29,7 +28,7 @@ from __future__ import annotations
 import functools
 from typing import List
 
-__all__ = ["CONV2D_NCHWC_RULE", "register", "space_generator", "tile_candidates"]
+__all__ = ["CONV2D_NCHWC_RULE", "register", "space_generator", "tile_candidates", "uses_custom_rule"]
 
 CONV2D_NCHWC_RULE = "graphopt_conv2d_nchwc"
 MAX_ACCUMULATORS = 28  # vector registers for the output tile (32 on AVX-512 and NEON, minus operands)
@@ -107,8 +106,13 @@ def conv2d_nchwc_rule(sch, block):
     return spaces
 
 
+def uses_custom_rule(mod) -> bool:
+    """Whether a tuning task's kernel has a block that graphopt's hand-written rule schedules."""
+    return CONV2D_NCHWC_RULE in mod.script(show_meta=False)
+
+
 def space_generator(mod, target):
-    """The space generator for a tuning task: without generic unrolling where graphopt's rules apply.
+    """The space generator for a task that :func:`uses_custom_rule`: no generic unrolling.
 
     MetaSchedule's ``ParallelizeVectorizeUnroll`` would add a sampled auto-unroll over the
     whole hand-written loop nest (unrolling the kernel taps too: 25 % slower, and builds
@@ -117,8 +121,6 @@ def space_generator(mod, target):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    if CONV2D_NCHWC_RULE not in mod.script(show_meta=False):
-        return "post-order-apply"
     default = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply").space_generator
     rules = [r for r in default.sch_rules if not isinstance(r, ms.schedule_rule.ParallelizeVectorizeUnroll)]
     return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=list(default.postprocs),

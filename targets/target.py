@@ -35,11 +35,11 @@ __all__ = ["Target"]
 
 _log = logging.getLogger("graphopt.targets")
 
-#: Debian packages that provide the tools a target may need (named in errors).
 # bumped when the way candidates are timed changes, so records measured the old way are not reused
 # (2: the runner uses the target's thread count; before, TVM's default of one thread on these machines)
 MEASUREMENT_VERSION = 2
 
+#: Debian packages that provide the tools a target may need (named in errors).
 TOOL_PACKAGES = {
     "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",

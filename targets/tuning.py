@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from graphopt.errors import TargetError
 
-__all__ = ["TuningInfo", "allocate_capped", "allocate_trials", "tune"]
+__all__ = ["TuningInfo", "allocate_capped", "allocate_trials", "tune", "tuning_tasks"]
 
 _log = logging.getLogger("graphopt.targets")
 
@@ -145,6 +145,7 @@ class _Task:
     flops: float
     key: str
     skip: bool = False
+    custom: bool = False  # scheduled by graphopt's hand-written rule (targets/schedules.py)
     budget: int = 0
     done: int = 0
 
@@ -189,10 +190,13 @@ def not_worth_tuning(prepared) -> set:
     return skip | (on_weights - on_activations)
 
 
-def _extract(prepared, tvm_target) -> List[_Task]:
+def tuning_tasks(prepared, tvm_target) -> List[_Task]:
+    """The distinct kernels of ``prepared``: name, module, weight (calls), FLOPs, cache key, flags."""
     import tvm_ffi
     from tvm.s_tir import analysis
     from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import uses_custom_rule
 
     skip = not_worth_tuning(prepared)
     tasks = []
@@ -205,7 +209,8 @@ def _extract(prepared, tvm_target) -> List[_Task]:
         except Exception:  # estimation fails on some opaque kernels: treat as cheap
             flops = 1.0
         tasks.append(_Task(name=t.task_name, mod=mod, target=t.target, weight=int(t.weight),
-                           flops=flops, key=str(tvm_ffi.structural_hash(mod)), skip=t.task_name in skip))
+                           flops=flops, key=str(tvm_ffi.structural_hash(mod)), skip=t.task_name in skip,
+                           custom=uses_custom_rule(mod)))
     return tasks
 
 
@@ -251,7 +256,7 @@ def _tune_one(task: _Task, trials: int, *, work_dir: Path, database, builder, ru
         population_size=population, init_min_unmeasured=min(50, population // 2))
     logger = _file_logger(work_dir, f"task_{seed}")
     try:
-        space = space_generator(task.mod, task.target)
+        space = space_generator(task.mod, task.target) if task.custom else "post-order-apply"
         context = ms.TuneContext(mod=task.mod, target=task.target, space_generator=space,
                                  search_strategy=strategy, task_name=task.name, logger=logger,
                                  rand_state=seed, num_threads="physical").clone()
@@ -289,12 +294,11 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
 
     from .cache import TuningCache
     from .measure import load_cpu_intrinsics, measure_tools, progress_callback, shutdown
-    from .schedules import CONV2D_NCHWC_RULE
     from .schedules import register as register_schedule_rules
 
-    tasks = _extract(prepared, tvm_target)
+    tasks = tuning_tasks(prepared, tvm_target)
     info.tasks = len(tasks)
-    caps = [CUSTOM_SPACE_TRIALS if CONV2D_NCHWC_RULE in t.mod.script(show_meta=False) else None for t in tasks]
+    caps = [CUSTOM_SPACE_TRIALS if t.custom else None for t in tasks]
     for task, budget in zip(tasks, allocate_capped(trials, [t.cost for t in tasks], caps)):
         task.budget = budget
     cache = TuningCache(target.cache_key(), root=target.cache_dir)

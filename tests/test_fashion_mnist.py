@@ -13,23 +13,14 @@ from graphopt.data import (
     calibration_batches, dataset_dir, fashion_mnist_batches, load_fashion_mnist,
 )
 from graphopt.errors import GraphoptError
+from requirements import needs_fashion_mnist
 from graphopt.models import (
     WEIGHTS_PATH, FashionCNN, default_example_inputs, default_model_info, evaluate_accuracy,
     load_default_model,
 )
 
 
-def _installed() -> bool:
-    try:
-        load_fashion_mnist("test")
-    except DatasetMissingError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(
-    not _installed(), reason="Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"
-)
+needs_data = needs_fashion_mnist
 
 
 def _idx(array: np.ndarray, type_code: int = 0x08) -> bytes:

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import graphopt
 import zoo
+from requirements import needs_fashion_mnist
 from graphopt.passes.quant import QuantizedConv, QuantizedLinear, ops
 from graphopt.passes.quant.observers import (
     CalibrationError, QParams, make_observer, qparams_from_range, quantize_weight,
@@ -402,17 +403,13 @@ def test_quantized_graph_survives_a_deepcopy_and_reexport():
 # --- the bundled Fashion-MNIST model --------------------------------------------------------------
 
 def _fashion():
-    models = pytest.importorskip("graphopt.models.fashion_cnn")
-    if not models.WEIGHTS_PATH.exists():
-        pytest.skip("the bundled Fashion-MNIST weights have not landed yet")
     from graphopt import data
-    try:
-        data.load_fashion_mnist("test")
-    except data.DatasetMissingError as e:
-        pytest.skip(str(e))
-    return models, data
+    from graphopt.models import fashion_cnn
+
+    return fashion_cnn, data
 
 
+@needs_fashion_mnist
 def test_fashion_mnist_simulated_int8_within_one_point():
     models, data = _fashion()
     model = models.load_default_model()

@@ -1,6 +1,5 @@
 """The quantized graph compiled with TVM: integer kernels, and the same answers as the simulation."""
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 import graphopt
 import zoo
+from requirements import needs_arm_toolchain, needs_fashion_mnist
 from graphopt.passes.quant import relax_lowering
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -96,6 +96,7 @@ def test_per_tensor_and_relu6_compile_exactly():
 
 # --- the bundled Fashion-MNIST model ---------------------------------------------------------------
 
+@needs_fashion_mnist
 def test_fashion_mnist_compiled_int8_accuracy_and_agreement():
     from test_quantize import _fashion
 
@@ -117,11 +118,9 @@ def test_fashion_mnist_compiled_int8_accuracy_and_agreement():
 
 # --- ARM, cross-compiled and run under qemu ------------------------------------------------------
 
-needs_arm = pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                               reason="needs g++-aarch64-linux-gnu and qemu-user")
 
 
-@needs_arm
+@needs_arm_toolchain
 @pytest.mark.parametrize("name,target,options", [("residual", "arm-rpi4", {}), ("conv1d", "arm-a55", {}),
                                                  ("flatten_linear", "arm-rpi4", {"activation_dtype": "uint8"})])
 def test_arm_compiled_agrees_with_simulated(name, target, options):
@@ -139,7 +138,8 @@ def test_arm_compiled_agrees_with_simulated(name, target, options):
         opt.compiled.close()
 
 
-@needs_arm
+@needs_arm_toolchain
+@needs_fashion_mnist
 def test_fashion_mnist_int8_on_arm_under_qemu():
     from test_quantize import _fashion
 
@@ -162,9 +162,12 @@ def test_fashion_mnist_int8_on_arm_under_qemu():
 
 # --- tuned code uses the dot-product instructions (tiny budgets, private caches) --------------------
 
+needs_vnni = pytest.mark.skipif(
+    "avx512_vnni" not in graphopt.get_target("x86").features,
+    reason="this CPU has no AVX-512 VNNI, so there is no vpdpbusd to look for (int8 still runs, as plain vector code)")
+
+
 def _disassembly(compiled, tmp_path, objdump):
-    if shutil.which(objdump) is None:
-        pytest.skip(f"{objdump} is not installed")
     lib = compiled.save(tmp_path / "model") / "model.so"
     return subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
                           check=True).stdout
@@ -177,10 +180,9 @@ def _two_convs():
     return model, (torch.randn(1, 16, 14, 14),)
 
 
+@needs_vnni
 def test_tuned_x86_int8_uses_vnni(tmp_path):
     target = graphopt.get_target("x86")
-    if "avx512_vnni" not in target.features:
-        pytest.skip("this CPU has no AVX-512 VNNI")
     model, inputs = _two_convs()
     opt = graphopt.optimize(model, ["quantize"], target=target.replace(cache_dir=str(tmp_path / "cache")),
                             example_inputs=inputs, calibration_data=calibration(inputs[0].shape), progress=False,
@@ -214,21 +216,19 @@ def _gemm_design_spaces(target_name, activation_dtype):
 
 
 @pytest.mark.parametrize("target_name,dtype,intrinsic", [
-    ("x86", "uint8", "dot_16x4_vnni"),
+    pytest.param("x86", "uint8", "dot_16x4_vnni", marks=needs_vnni),
     ("arm-a55", "int8", "dot_4x4_i8i8s32_sdot"),
     ("arm-neoverse-n1", "int8", "dot_4x4_i8i8s32_sdot"),
     ("arm-rpi4", "int8", "dot_4x4_i8i8s32_neon"),
 ])
 def test_int8_gemms_are_offered_to_the_cores_dot_product(target_name, dtype, intrinsic):
-    if target_name == "x86" and "avx512_vnni" not in graphopt.get_target("x86").features:
-        pytest.skip("this CPU has no AVX-512 VNNI")
     traces = _gemm_design_spaces(target_name, dtype)
     assert any(intrinsic in t for t in traces), "MetaSchedule would never tensorize these GEMMs"
     if target_name == "arm-rpi4":
         assert not any("sdot" in t for t in traces)  # the Cortex-A72 has no dot product: it would SIGILL
 
 
-@needs_arm
+@needs_arm_toolchain
 @pytest.mark.slow
 def test_tuned_arm_int8_uses_sdot(tmp_path):
     from graphopt.targets.rpc import LoopbackDeviceFarm

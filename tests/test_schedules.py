@@ -31,7 +31,7 @@ def _conv_tasks(model, x):
     prepared = prepare(target.lower(torch.fx.symbolic_trace(model), (x,)).mod, tvm_target,
                        layout_block=target.layout_block)
     tasks = [t for t in ms.relax_integration.extract_tasks(prepared, tvm_target)
-             if schedules.CONV2D_NCHWC_RULE in t.dispatched[0].script(show_meta=False)]
+             if schedules.uses_custom_rule(t.dispatched[0])]
     return tasks, tvm_target
 
 

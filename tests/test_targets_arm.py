@@ -4,7 +4,6 @@ Nothing here is mocked: the library is linked with aarch64-linux-gnu-g++, is an 
 ELF, and runs in an aarch64 Python under qemu-aarch64 with QEMU_CPU set from the target,
 or on an emulated RPC server registered with a tracker on loopback.
 """
-import shutil
 
 import numpy as np
 import pytest
@@ -12,14 +11,14 @@ import torch
 
 import graphopt
 import zoo
+from requirements import needs_arm_toolchain
 from graphopt.targets.arm_sysroot import ensure_sysroot
 from graphopt.targets.artifact import LIB
 from graphopt.targets.qemu import elf_machine
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                       reason="needs g++-aarch64-linux-gnu and qemu-user"),
+    needs_arm_toolchain,
 ]
 
 DOTPROD_SUBSET = ("mobilenetv2",)

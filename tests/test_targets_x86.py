@@ -19,10 +19,7 @@ from graphopt.targets.hostcpu import HostCpu, host_cpu, pick_x86_mcpu, x86_vecto
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-try:
-    import zoo
-except ImportError:  # the shared zoo is optional for this file
-    zoo = None
+import zoo
 
 
 # --- a small local zoo: the patterns lowering must handle ----------------------------------
@@ -250,8 +247,7 @@ def test_local_models_compile_and_match(x86, name):
         assert rel_error(compiled(*inputs), gm(*inputs)) < 1e-4
 
 
-@pytest.mark.skipif(zoo is None, reason="tests/zoo.py is not there")
-@pytest.mark.parametrize("name", sorted(zoo.ZOO) if zoo else [])
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_every_zoo_model_compiles_for_x86_and_matches(x86, name):
     model, inputs = zoo.build(name)
     gm = torch.fx.symbolic_trace(model)

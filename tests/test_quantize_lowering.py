@@ -26,14 +26,14 @@ def quantized(model, inputs, options=None, passes=("fuse_conv_bn",), target=None
 
 def int8_conv_kernels(ir: str):
     """Compiled kernels multiplying uint8/int8 activations by int8 weights into an int32 accumulator:
-    the packed GEMM a conv or linear becomes after im2col (or a direct grouped conv)."""
+    the packed conv a conv or linear becomes (or a direct grouped conv)."""
     found = []
-    for m in re.finditer(r"def (\w*(?:gemm_packed|conv)\w*)\((.*?)\):\n(.*?)(?=\n    @T\.prim_func|\n    @R\.function|\Z)",
+    for m in re.finditer(r"def (\w*(?:conv)\w*)\((.*?)\):\n(.*?)(?=\n    @T\.prim_func|\n    @R\.function|\Z)",
                          ir, re.S):
         name, params, body = m.groups()
         dtypes = re.findall(r'\w+: T\.Buffer\(\(.*?\), "(\w+)"\)', params)
         int8_inputs = sum(1 for d in dtypes if d in ("uint8", "int8"))
-        int32_acc = re.search(r'(gemm_packed|conv\w*)_intermediate = T\.sblock_alloc_buffer\([^\n]*"int32"\)', body)
+        int32_acc = re.search(r'(conv\w*)_intermediate = T\.sblock_alloc_buffer\([^\n]*"int32"\)', body)
         if int8_inputs >= 2 and "int8" in dtypes and int32_acc:
             found.append(name)
     return found
@@ -57,7 +57,7 @@ def test_compiled_ir_has_int8_convolutions_with_int32_accumulation():
     kernels = int8_conv_kernels(ir)
     n_convs = sum(1 for m in opt.graph_module.modules() if type(m).__name__ == "QuantizedConv")
     assert len(kernels) >= n_convs - 4, kernels  # identical convs share a kernel
-    assert "im2col" in ir and "gemm_packed" in ir
+    assert "conv_packed" in ir
     x = calibration(inputs[0].shape, n=1, batch=1, seed=3)[0]
     assert torch.equal(opt(x), opt.graph_module(x))  # bit-exact: same integer math, same float32 steps
 
@@ -192,8 +192,8 @@ def test_tuned_x86_int8_uses_vnni(tmp_path):
     assert re.search(r"\svpdpbusd\s", asm), "tuned int8 GEMMs should be tensorized with VNNI (dot_16x4_vnni)"
 
 
-def _gemm_design_spaces(target_name, activation_dtype):
-    """MetaSchedule's design spaces for the packed int8 GEMM tasks of a small quantized model."""
+def _conv_design_spaces(target_name, activation_dtype):
+    """MetaSchedule's design spaces for the packed int8 conv tasks of a small quantized model."""
     from tvm.s_tir import meta_schedule as ms
 
     from graphopt.targets.measure import load_cpu_intrinsics
@@ -207,7 +207,7 @@ def _gemm_design_spaces(target_name, activation_dtype):
     prepared = prepare(target.lower(gm, inputs).mod, tvm_target)
     traces = []
     for task in ms.relax_integration.extract_tasks(prepared, tvm_target):
-        if "gemm_packed" in task.task_name:
+        if "conv_packed" in task.task_name:
             ctx = ms.TuneContext(mod=task.dispatched[0], target=tvm_target, space_generator="post-order-apply",
                                  task_name=task.task_name)
             traces += [str(sch.trace) for sch in ctx.space_generator.generate_design_space(ctx.mod)]
@@ -221,9 +221,9 @@ def _gemm_design_spaces(target_name, activation_dtype):
     ("arm-neoverse-n1", "int8", "dot_4x4_i8i8s32_sdot"),
     ("arm-rpi4", "int8", "dot_4x4_i8i8s32_neon"),
 ])
-def test_int8_gemms_are_offered_to_the_cores_dot_product(target_name, dtype, intrinsic):
-    traces = _gemm_design_spaces(target_name, dtype)
-    assert any(intrinsic in t for t in traces), "MetaSchedule would never tensorize these GEMMs"
+def test_int8_convs_are_offered_to_the_cores_dot_product(target_name, dtype, intrinsic):
+    traces = _conv_design_spaces(target_name, dtype)
+    assert any(intrinsic in t for t in traces), "MetaSchedule would never tensorize these convs"
     if target_name == "arm-rpi4":
         assert not any("sdot" in t for t in traces)  # the Cortex-A72 has no dot product: it would SIGILL
 

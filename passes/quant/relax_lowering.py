@@ -3,12 +3,14 @@
 Registered with :func:`graphopt.targets.lowering.register_translation`, so ``Target.lower`` turns
 each ``torch.ops.graphopt.q8_*`` node of the exported program into:
 
-``q8_conv``
-    ``pad(x, zero point)`` -> ``R.nn.conv2d`` / ``R.nn.conv1d`` on uint8/int8 data and int8
-    weights with ``out_dtype="int32"`` -> ``+ (bias - x_zp * sum(w))`` in int32 (a weights-only
-    term, lifted out of the model at build time) -> requantize.
-``q8_linear``
-    ``R.matmul(x, w.T, out_dtype="int32")`` -> the same int32 correction -> requantize.
+``q8_conv`` (groups = 1), ``q8_linear``
+    the input in the conv layout (padded with the zero point; a copy only when needed) ->
+    the direct int8 x int8 -> int32 convolution on packed weights (:mod:`.kernels`) ->
+    ``+ (bias - x_zp * sum(w))`` in int32 (a weights-only term, lifted out of the model at
+    build time) -> requantize, in the blocked layout the next conv reads (:mod:`.blocked`).
+``q8_conv`` (grouped, depthwise)
+    ``pad(x, zero point)`` -> ``R.nn.conv2d`` / ``R.nn.conv1d`` with ``out_dtype="int32"``
+    -> the same correction -> requantize.
 ``q8_matmul``
     ``R.matmul(a, b, out_dtype="int32")`` with the zero-point cross terms
     (``- b_zp * rowsum(a) - a_zp * colsum(b) + K * a_zp * b_zp``) -> requantize.
@@ -29,6 +31,8 @@ import math
 
 from graphopt.targets.lowering import register_translation
 
+from .blocked import blocked_of, unblocked
+from .kernels import LANES, RED, ceil_to, conv_input, conv_packed, emit_gather, pack_weight
 from .ops import NAMESPACE
 from .tensor_intrin import fix_vnni_intrinsic
 
@@ -89,18 +93,28 @@ def _shape(expr):
     return [int(s) for s in expr.ty.shape]
 
 
+def _affine(importer, node, emit) -> object:
+    """``emit(value)`` on the input's blocked copy when it has one (see :mod:`.blocked`), else on it."""
+    x = importer.env[node.args[0]]
+    copy = blocked_of(importer, x)
+    if copy is None:
+        return emit(x)
+    return unblocked(importer, emit(copy.var), copy.channels)
+
+
 @register_translation("q8_quantize.default")
 def translate_quantize(node, importer):
     from tvm.relax import op as R
 
     _check(node)
-    x, scale, zp, qmin, qmax, dtype = node.args
+    _, scale, zp, qmin, qmax, dtype = node.args
     bb = importer.block_builder
-    r = R.add(R.round(R.divide(importer.env[x], _f32(scale))), _f32(zp))
-    out = bb.emit(R.astype(R.clip(r, float(qmin), float(qmax)), _dtype(dtype)))
-    # a conv reading this can quantize while it gathers its windows (and this op then goes dead)
-    _quantized_source(importer)[out] = (importer.env[x], (scale, zp, qmin, qmax, _dtype(dtype)))
-    return out
+
+    def emit(v):
+        r = R.add(R.round(R.divide(v, _f32(scale))), _f32(zp))
+        return bb.emit(R.astype(R.clip(r, float(qmin), float(qmax)), _dtype(dtype)))
+
+    return _affine(importer, node, emit)
 
 
 @register_translation("q8_dequantize.default")
@@ -108,9 +122,13 @@ def translate_dequantize(node, importer):
     from tvm.relax import op as R
 
     _check(node)
-    q, scale, zp = node.args
-    centered = R.subtract(R.astype(importer.env[q], "int32"), _i32(zp))
-    return importer.block_builder.emit(R.multiply(R.astype(centered, "float32"), _f32(scale)))
+    _, scale, zp = node.args
+
+    def emit(v):
+        centered = R.subtract(R.astype(v, "int32"), _i32(zp))
+        return importer.block_builder.emit(R.multiply(R.astype(centered, "float32"), _f32(scale)))
+
+    return _affine(importer, node, emit)
 
 
 def _weight_correction(bb, weight, bias, x_zp: int, reduce_axes):
@@ -123,217 +141,43 @@ def _weight_correction(bb, weight, bias, x_zp: int, reduce_axes):
     return bb.emit(R.subtract(bias, R.multiply(wsum, _i32(x_zp))))
 
 
-#: The packed weight block: 16 output channels x 4 reduction elements. That is VNNI's
-#: ``vpdpbusd`` shape (``dot_16x4_vnni``: 16 int32 lanes, each a 4-element uint8 x int8 dot
-#: product) and, split in four, ARM ``sdot``'s (``dot_4x4_i8i8s32_sdot``: 4 lanes x 4).
-LANES, RED = 16, 4
-
-
-def _ceil_to(v: int, m: int) -> int:
-    return (v + m - 1) // m * m
-
-
-def _out_size(spatial, kernel, stride, padding, dilation):
-    return [(spatial[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-            for i in range(len(kernel))]
-
-
-def pack_weight(weight):
-    """TE: int8 ``(O, C, *kernel)`` -> ``(O/16, *kernel, C/4, 16, 4)`` (both rounded up, zero padded).
-
-    A weights-only computation: the build lifts it out of the model, so it runs once
-    (prepacking). Every index is affine: no division in any kernel.
-    """
-    from tvm import te, tirx
-
-    o, c, *kernel = [int(s) for s in weight.shape]
-
-    def f(ob, *rest):
-        *kk, cb, ji, ci = rest
-        j, ch = ob * LANES + ji, cb * RED + ci
-        return tirx.if_then_else(tirx.all(j < o, ch < c), weight[(j, ch, *kk)], tirx.const(0, weight.dtype))
-
-    return te.compute((_ceil_to(o, LANES) // LANES, *kernel, _ceil_to(c, RED) // RED, LANES, RED), f,
-                      name="packed_weight")
-
-
-def im2col(data, kernel, stride, padding, dilation, pad_value: int, blocked_channels: int = 0, quant=None):
-    """TE: ``(N, C, *spatial)`` -> ``(N, *out, *kernel, C/4, 4)``; outside the image: ``pad_value``.
-
-    One input window per output position, channels innermost in groups of 4 (what one
-    dot-product instruction consumes); padded channels (C rounded up to 4) hold ``pad_value``
-    and meet zero weights. With ``kernel == []`` a matrix ``(M, K)`` becomes ``(M, K/4, 4)``.
-
-    ``blocked_channels = C``: ``data`` is a previous layer's ``(N, *spatial, C/16, 16)`` output,
-    read directly. Its padding lanes hold finite values that meet zero weights, so the channel
-    bound needs no check, and each window row is one contiguous copy.
-
-    ``quant = (scale, zero_point, qmin, qmax, dtype)``: ``data`` is float32 and is quantized
-    on the fly, with exactly ``q8_quantize``'s float32 steps.
-    """
-    from tvm import te, tirx
-
-    if blocked_channels:
-        n, *spatial = [int(s) for s in data.shape[:-2]]
-        c = blocked_channels
-    else:
-        n, c, *spatial = [int(s) for s in data.shape]
-    dims = len(kernel)
-    out = _out_size(spatial, kernel, stride, padding, dilation)
-
-    def f(b, *rest):
-        o, kk, (cb, ci) = rest[:dims], rest[dims:2 * dims], rest[2 * dims:]
-        pos = [o[i] * stride[i] - padding[i] + kk[i] * dilation[i] for i in range(dims)]
-        inside = [tirx.all(p >= 0, p < spatial[i]) for i, p in enumerate(pos)]
-        if blocked_channels:
-            value = data[(b, *pos, cb // (LANES // RED), (cb % (LANES // RED)) * RED + ci)]
-        else:
-            value = data[(b, cb * RED + ci, *pos)]
-            inside.append(cb * RED + ci < c)
-        if quant is not None:
-            scale, zp, qmin, qmax, dtype = quant
-            r = tirx.round(value / tirx.const(scale, "float32")) + tirx.const(float(zp), "float32")
-            value = tirx.max(tirx.min(r, tirx.const(float(qmax), "float32")),
-                             tirx.const(float(qmin), "float32")).astype(dtype)
-        if not inside:
-            return value
-        out_dtype = quant[4] if quant is not None else data.dtype
-        return tirx.if_then_else(tirx.all(*inside), value, tirx.const(pad_value, out_dtype))
-
-    return te.compute((n, *out, *kernel, _ceil_to(c, RED) // RED, RED), f, name="im2col")
-
-
-def gemm_packed(cols, packed):
-    """TE: ``acc[n, *out, ob, ji] = sum(cols[n, *out, *k, cb, ci] * packed[ob, *k, cb, ji, ci])``, int32.
-
-    An Einsum whose innermost blocks are exactly the dot-product intrinsics' operands:
-    MetaSchedule's auto-tensorization maps ``(ji, ci)`` onto ``dot_16x4_vnni`` (16 lanes x 4)
-    or, in 4 x 4 pieces, onto ARM's ``sdot`` / NEON dot products.
-    """
-    from tvm import te
-
-    ob, *kernel, cb, lanes, red = [int(s) for s in packed.shape]
-    dims = len(kernel)
-    spatial = [int(s) for s in cols.shape[:len(cols.shape) - dims - 2]]  # (n, *out)
-    rk = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
-    rcb, rci = te.reduce_axis((0, cb), name="cb"), te.reduce_axis((0, red), name="ci")
-
-    def f(*idx):
-        pos, jo, ji = idx[:-2], idx[-2], idx[-1]
-        return te.sum(cols[(*pos, *rk, rcb, rci)].astype("int32") * packed[(jo, *rk, rcb, ji, rci)].astype("int32"),
-                      axis=[*rk, rcb, rci])
-
-    return te.compute((*spatial, ob, lanes), f, name="gemm_packed")
-
-
 def _lane_blocks(bb, v, o: int):
     """A per-output-channel vector ``(O,)`` zero padded and shaped ``(O/16, 16)`` (weights only)."""
     from tvm.relax import op as R
 
-    padded = _ceil_to(o, LANES)
+    padded = ceil_to(o, LANES)
     if padded != o:
         v = bb.emit(R.nn.pad(v, [0, padded - o], pad_value=0.0))
     return bb.emit(R.reshape(v, [padded // LANES, LANES]))
 
 
-def packed_matmul(bb, cols, weight, bias, multiplier, x_zp: int, out_zp: int, lo, hi, out_dtype: str):
-    """``cols`` x packed ``weight`` + correction, requantized: ``(N, *out, O/16, 16)``."""
-    fix_vnni_intrinsic()  # tuning (now or later in this process) may tensorize this GEMM with VNNI
-    o = _shape(weight)[0]
-    packed = bb.emit_te(pack_weight, weight, primfunc_name_hint="pack_weight")
-    acc = bb.emit_te(gemm_packed, cols, packed, primfunc_name_hint="gemm_packed")
-    corr = _weight_correction(bb, weight, bias, x_zp, list(range(1, len(_shape(weight)))))
+def packed_conv(bb, data, weight, bias, multiplier, x_zp: int, out_zp: int, lo, hi, out_dtype: str,
+                stride=(), dilation=()):
+    """Conv input x packed ``weight`` + correction, requantized: ``(N, *out, O/16, 16)``."""
     from tvm.relax import op as R
 
+    fix_vnni_intrinsic()  # tuning (now or later in this process) may tensorize this conv with VNNI
+    o = _shape(weight)[0]
+    packed = bb.emit_te(pack_weight, weight, primfunc_name_hint="pack_weight")
+    acc = bb.emit_te(conv_packed, data, packed, list(stride), list(dilation), primfunc_name_hint="conv_packed")
+    corr = _weight_correction(bb, weight, bias, x_zp, list(range(1, len(_shape(weight)))))
     acc = bb.emit(R.add(acc, _lane_blocks(bb, corr, o)))
     return requantize(bb, acc, _lane_blocks(bb, multiplier, o), out_zp, lo, hi, out_dtype)
 
 
-def unblock(y, o: int):
-    """TE: ``(N, *spatial, O/16, 16)`` -> ``(N, O, *spatial)`` (channels back in NC(H)W order)."""
-    from tvm import te
+def _conv_input(bb, importer, data, padding, x_zp: int):
+    """``data`` in the conv layout ``(N, *padded, C/4, 4)``: its blocked copy as it lies when no
+    padding is needed, else one pre-scheduled copy."""
+    from tvm.relax import op as R
 
-    def f(n, c, *sp):
-        return y[(n, *sp, c // LANES, c % LANES)]
-
-    return te.compute((int(y.shape[0]), o, *[int(v) for v in y.shape[1:-2]]), f, name="unblock")
-
-
-def _schedule_gather(sch, block, vector_tail: int = 0, inner_spatial: bool = False) -> None:
-    """Outer two loops fused and parallel; the last ``vector_tail`` loops fused and vectorized
-    (contiguous copies), else the innermost unrolled.
-
-    MetaSchedule's generic rules fuse every loop of such a gather into one flat vectorized
-    loop, where each element recomputes its source index with 64-bit divisions: 4-9 ms for the
-    im2col of one 56x56 layer, 10x the GEMM it feeds.
-    """
-    loops = sch.get_loops(block)
-    if inner_spatial:  # im2col of NCHW data: rows of one channel plane are contiguous in x
-        b, oy, ox, *rest = loops
-        sch.reorder(*rest, ox)
-        sch.parallel(sch.fuse(b, oy))
-        return
-    if len(loops) > 2:
-        sch.parallel(sch.fuse(*loops[:2]))
-    else:
-        sch.parallel(loops[0])
-    if vector_tail and len(loops) - vector_tail >= 2:
-        sch.vectorize(sch.fuse(*loops[-vector_tail:]))
-    elif len(loops) > 2:
-        sch.unroll(loops[-1])
-
-
-def emit_gather(bb, name: str, compute, inputs, *args, vector_tail: int = 0, inner_spatial: bool = False):
-    """Emit ``compute(*inputs, *args)`` as a pre-scheduled, unfused kernel (data movement only).
-
-    Marked scheduled (not a tuning task) and opaque to FuseOps, so no rule re-flattens it.
-    """
-    from tvm import relax, s_tir, te
-
-    holders = [te.placeholder(_shape(v), v.ty.dtype, name=f"x{i}") for i, v in enumerate(inputs)]
-    out = compute(*holders, *args)
-    sch = s_tir.Schedule(te.create_prim_func([*holders, out]))
-    _schedule_gather(sch, sch.get_sblock(out.op.name), vector_tail, inner_spatial)
-    func = sch.mod["main"].without_attr("global_symbol")
-    func = func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # kOpaque
-    gv = bb.add_func(func, name)
-    return bb.emit(relax.call_tir(gv, inputs, relax.TensorType([int(d) for d in out.shape], out.dtype)))
-
-
-def _blocked_source(importer):
-    """Per lowering: unblocked tensor -> (blocked tensor it came from, channels)."""
-    if not hasattr(importer, "_graphopt_blocked"):
-        importer._graphopt_blocked = {}
-    return importer._graphopt_blocked
-
-
-def _im2col(bb, importer, data, kernel, stride, padding, dilation, x_zp: int):
-    source = _blocked_source(importer).get(data)
-    if source is not None:  # read the previous layer's blocked output, skipping its NCHW copy
-        blocked, channels = source
-        return emit_gather(bb, "im2col_blocked", im2col, [blocked], kernel, stride, padding, dilation, x_zp,
-                           channels, vector_tail=2)
-    quantized = _quantized_source(importer).get(data)
-    if quantized is not None:  # quantize the float input while gathering
-        source, quant = quantized
-        return emit_gather(bb, "quantize_im2col", im2col, [source], kernel, stride, padding, dilation, x_zp,
-                           0, quant, inner_spatial=len(kernel) == 2)
-    return emit_gather(bb, "im2col", im2col, [data], kernel, stride, padding, dilation, x_zp,
-                       inner_spatial=len(kernel) == 2)
-
-
-def _quantized_source(importer):
-    """Per lowering: quantized tensor -> (the float tensor, its quantization)."""
-    if not hasattr(importer, "_graphopt_quantized"):
-        importer._graphopt_quantized = {}
-    return importer._graphopt_quantized
-
-
-def _from_lane_blocks(bb, importer, y, o: int):
-    """``(N, *spatial, O/16, 16)`` -> ``(N, O, *spatial)``, padding channels cut."""
-    out = emit_gather(bb, "unblock", unblock, [y], o)
-    _blocked_source(importer)[out] = (y, o)
-    return out
+    copy = blocked_of(importer, data)
+    if copy is not None:
+        shape = _shape(copy.var)
+        if not any(padding):  # (N, *spatial, C/16, 16) is (N, *spatial, C/4, 4) in memory
+            return bb.emit(R.reshape(copy.var, [*shape[:-2], shape[-2] * LANES // RED, RED]))
+        return emit_gather(bb, "pad_blocked", conv_input, [copy.var], padding, x_zp, copy.channels,
+                           vector_tail=2)
+    return emit_gather(bb, "pad", conv_input, [data], padding, x_zp)
 
 
 @register_translation("q8_conv.default")
@@ -346,11 +190,10 @@ def translate_conv(node, importer):
     data, weight = env[x], env[w]
     ndim = len(_shape(weight))
     dims = ndim - 2
-    if groups == 1:  # im2col + packed int8 GEMM: the form dot-product instructions tensorize
-        kernel = _shape(weight)[2:]
-        cols = _im2col(bb, importer, data, kernel, stride, padding, dilation, x_zp)
-        y = packed_matmul(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype))
-        return _from_lane_blocks(bb, importer, y, _shape(weight)[0])  # back to NC(H)W
+    if groups == 1:  # direct int8 conv on packed weights: the form dot-product instructions tensorize
+        cols = _conv_input(bb, importer, data, padding, x_zp)
+        y = packed_conv(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype), stride, dilation)
+        return unblocked(importer, y, _shape(weight)[0])
     # grouped / depthwise: a direct integer convolution (too little reduction per group to pack)
     if x_zp != 0 and any(padding):
         pad_width = [0, 0, 0, 0]
@@ -375,10 +218,13 @@ def translate_linear(node, importer):
     bb, env = importer.block_builder, importer.env
     data, weight = env[x], env[w]
     lead, k = _shape(data)[:-1], _shape(data)[-1]
-    rows = bb.emit(R.reshape(data, [-1, k]))  # (M, K): im2col of a matrix only groups K by 4
-    cols = emit_gather(bb, "im2col", im2col, [rows], [], [], [], [], x_zp)
-    y = packed_matmul(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype))
-    y = _from_lane_blocks(bb, importer, y, _shape(weight)[0])  # (M, O)
+    rows = data if len(lead) == 1 else bb.emit(R.reshape(data, [-1, k]))
+    if k % RED == 0 and blocked_of(importer, rows) is None:  # (M, K) is (M, K/4, 4) in memory
+        cols = bb.emit(R.reshape(rows, [-1, k // RED, RED]))
+    else:  # a previous linear's blocked output as it lies, or K grouped by 4 with zero-point padding
+        cols = _conv_input(bb, importer, rows, [], x_zp)
+    y = packed_conv(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype))
+    y = unblocked(importer, y, _shape(weight)[0])  # (M, O)
     return bb.emit(R.reshape(y, [*lead, _shape(weight)[0]]))
 
 

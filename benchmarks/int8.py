@@ -242,7 +242,7 @@ def render(rows: List[dict], info: dict, args) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {info['cpu']} ({info['cores']} cores, LLVM mcpu "
         f"{info['mcpu']}; {info['features']}), {args.threads} threads for every engine, batch 1, {args.rounds} "
-        f"interleaved rounds of 5 runs per engine; load average at the end {info['load']}. torch {info['torch']}, "
+        f"interleaved rounds of 5 runs per engine (each block after 0.3 s of quiet and 50 ms of untimed runs); load average at the end {info['load']}. torch {info['torch']}, "
         f"ONNX Runtime {info['onnxruntime']}, TVM {info['tvm']}. graphopt int8 is per-channel int8 weights, uint8 "
         "activations (the `quantize` defaults), ONNX Runtime int8 is `quantize_static` QDQ per-channel (uint8 "
         "activations, int8 weights) on the same calibration batches.",

@@ -74,18 +74,24 @@ def graphopt_runner(compiled, inputs) -> Callable[[], None]:
 
 
 def interleaved(runners: Dict[str, Callable[[], None]], rounds: int, per_round: int = 5,
-                settle_s: float = 0.3) -> Dict[str, List[float]]:
+                settle_s: float = 0.3, warmup_s: float = 0.05) -> Dict[str, List[float]]:
     """Milliseconds per run: every round runs each engine ``per_round`` times in turn.
 
     Each engine's thread pool spins after its last run (TVM's workers yield for about
     300,000 iterations, OpenMP and ONNX Runtime spin too), stealing the cores from the
-    engine timed next. So each block starts after ``settle_s`` of quiet and one untimed run.
+    engine timed next. So each block starts after ``settle_s`` of quiet, then runs untimed
+    for ``warmup_s`` (at least once): after the quiet, one run is not enough to wake an
+    engine's threads and caches for sub-millisecond models (their next runs were up to 2x
+    slower, more so for engines with many small parallel kernels).
     """
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             time.sleep(settle_s)
+            warm_until = time.perf_counter() + warmup_s
             run()
+            while time.perf_counter() < warm_until:
+                run()
             for _ in range(per_round):
                 start = time.perf_counter()
                 run()

@@ -103,7 +103,8 @@ def build(prepared, target, database, *, prepack: bool = True) -> Built:
     with target, (database if database is not None else contextlib.nullcontext()):
         passes = []  # built inside the contexts: the apply pass captures target and database
         if database is not None:
-            passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+            passes += [relax.transform.MetaScheduleApplyDatabase(enable_warning=False),
+                       _keep_prescheduled(prepared)]
         if prepack:
             passes.append(relax.transform.SplitLayoutRewritePreproc())
         passes += [relax.transform.LiftTransformParams(), relax.transform.FoldConstant()]
@@ -112,6 +113,26 @@ def build(prepared, target, database, *, prepack: bool = True) -> Built:
     executable = tvm.compile(mod, target)
     has_transform = any(gv.name_hint == TRANSFORM_ENTRY for gv in mod.get_global_vars())
     return Built(executable=executable, ir=mod.script(show_meta=False), has_transform=has_transform)
+
+
+def _keep_prescheduled(prepared):
+    """A pass restoring ``prepared``'s pre-scheduled kernels: ``MetaScheduleApplyDatabase``
+    replaces any kernel the database has a record for, including hand-scheduled ones (older
+    caches hold generic schedules for them, 100x slower for a layout copy)."""
+    import tvm
+
+    from .tuning import is_prescheduled
+
+    kept = {gv.name_hint: f for gv, f in prepared.functions_items() if is_prescheduled(f)}
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.KeepPrescheduled")
+    def keep(mod, _ctx):
+        for gv in mod.get_global_vars():
+            if gv.name_hint in kept:
+                mod[gv] = kept[gv.name_hint]
+        return mod
+
+    return keep
 
 
 def _add_flat_transform_entry(mod):

@@ -190,6 +190,13 @@ def not_worth_tuning(prepared) -> set:
     return skip | (on_weights - on_activations)
 
 
+def is_prescheduled(func) -> bool:
+    """A kernel emitted already scheduled (``tirx.is_scheduled``): never a tuning task, and
+    the build keeps its schedule even where the cache holds a record for it."""
+    attrs = getattr(func, "attrs", None)
+    return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
+
+
 def tuning_tasks(prepared, tvm_target) -> List[_Task]:
     """The distinct kernels of ``prepared``: name, module, weight (calls), FLOPs, cache key, flags."""
     import tvm_ffi
@@ -202,7 +209,7 @@ def tuning_tasks(prepared, tvm_target) -> List[_Task]:
     tasks = []
     for t in ms.relax_integration.extract_tasks(prepared, tvm_target):
         mod = t.dispatched[0]
-        if mod.attrs is not None and mod.attrs.get("tirx.is_scheduled", False):
+        if is_prescheduled(mod["main"]):
             continue
         try:
             flops = float(analysis.estimate_tir_flops(mod))

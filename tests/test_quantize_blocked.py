@@ -25,7 +25,8 @@ def _quantized(model, inputs, target="x86"):
 def _main_kernels(ir: str):
     """The kernels ``main`` calls, in order (weight transforms excluded)."""
     body = ir[ir.index("def main("):]
-    return re.findall(r"R\.call_tir\(cls\.([A-Za-z_]+?)\d*, \((?!p_)", body)
+    body = body[:body.index("\n    @")] if "\n    @" in body else body
+    return re.findall(r"R\.call_tir\(cls\.(\w+?)\d*, \((?!p_)", body)
 
 
 @pytest.mark.parametrize("size,kernel,stride,padding,dilation,ceil_mode", [
@@ -96,3 +97,61 @@ def test_float_graphs_are_unchanged_by_the_blocked_translations():
     kernels = _main_kernels(opt.compiled.ir())
     assert not any(k in ("unblock", "max_pool_blocked", "pad_blocked") for k in kernels)
     assert torch.allclose(opt(*inputs), opt.graph_module(*inputs), atol=1e-4)
+
+
+class GlobalPoolHead(nn.Module):
+    """Convs, global average pooling (as ``mean`` and as ``AdaptiveAvgPool2d``), a Linear."""
+
+    def __init__(self, adaptive: bool):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+        self.adaptive = adaptive
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) if self.adaptive else x.mean((2, 3))
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_global_average_pooling_reads_the_blocked_values(adaptive):
+    torch.manual_seed(0)
+    model, inputs = GlobalPoolHead(adaptive).eval(), (torch.randn(1, 3, 32, 32),)
+    opt = _quantized(model, inputs)
+    kernels = _main_kernels(opt.compiled.ir())
+    # the classifier's output; after AdaptiveAvgPool2d also the flatten of its (N, C, 1, 1) output
+    assert kernels.count("unblock") == (2 if adaptive else 1), kernels
+    assert any(k.startswith("fused_mean") for k in kernels) and not any("adaptive" in k for k in kernels)
+    for seed in range(3):
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=0, atol=1e-5 * float(opt.graph_module(x).abs().max()))
+
+
+def test_prescheduled_kernels_are_not_tuning_tasks_and_survive_the_database():
+    """Hand-scheduled copies are no tuning tasks, and a database record for one (older caches
+    have them) does not replace the hand schedule at build time."""
+    import tvm
+    import tvm_ffi
+
+    from graphopt.targets.measure import load_cpu_intrinsics
+    from graphopt.targets.pipeline import _keep_prescheduled, prepare
+    from graphopt.targets.tuning import is_prescheduled, tuning_tasks
+
+    torch.manual_seed(0)
+    model, inputs = GlobalPoolHead(False).eval(), (torch.randn(1, 3, 32, 32),)
+    gm = _quantized(model, inputs, target=None).graph_module
+    target = graphopt.get_target("x86")
+    load_cpu_intrinsics()
+    prepared = prepare(target.lower(gm, inputs).mod, target.tvm())
+    scheduled = {gv.name_hint for gv, f in prepared.functions_items() if is_prescheduled(f)}
+    assert any(name.startswith("quantize_pad") for name in scheduled), scheduled
+    assert not scheduled & {t.name for t in tuning_tasks(prepared, target.tvm())}
+    # what MetaScheduleApplyDatabase does with a record: replace the function under its name
+    name = sorted(scheduled)[0]
+    replaced = tvm.IRModule({gv: f for gv, f in prepared.functions_items()})
+    victim = next(gv for gv in replaced.get_global_vars() if gv.name_hint == name)
+    other = next(f for gv, f in prepared.functions_items() if gv.name_hint != name and isinstance(f, tvm.tirx.PrimFunc))
+    replaced[victim] = other
+    restored = _keep_prescheduled(prepared)(replaced)
+    assert tvm_ffi.structural_equal(restored[victim], prepared[name])

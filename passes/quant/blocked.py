@@ -7,7 +7,8 @@ costs a copy per op and a kernel launch each, which is most of the time of a sma
 value they emit, a **blocked copy** when one is cheap to have:
 
 * an int8 conv's output (its natural layout);
-* max pooling of a blocked value (pooled in place, on the integers);
+* max pooling of a blocked value (pooled in place, on the integers), and global average
+  pooling (a mean over its spatial axes);
 * an elementwise op (add, mul, relu, clamp, sigmoid...) whose tensor inputs all have blocked
   copies of one shape: the same op, emitted again on the copies;
 * ``q8_quantize`` / ``q8_dequantize`` of a blocked value.
@@ -159,3 +160,44 @@ def translate_max_pool2d_with_indices(node, importer):
 
     out = _max_pool(node, importer)
     return relax.Tuple([out, importer.block_builder.emit(R.zeros_like(out))])
+
+
+def _spatial_mean(node, importer, dims, keepdim: bool):
+    """The mean over all spatial axes of the input's blocked copy (global average pooling),
+    unblocked; None when the input has no blocked copy or ``dims`` are not its spatial axes."""
+    from tvm.relax import op as R
+
+    x = importer.env[node.args[0]]
+    copy = blocked_of(importer, x)
+    ndim = len(x.ty.shape)
+    if copy is None or ndim < 3 or not isinstance(dims, (list, tuple)):
+        return None
+    if sorted(d % ndim for d in dims) != list(range(2, ndim)):
+        return None
+    pooled = importer.block_builder.emit(R.mean(copy.var, axis=list(range(1, ndim - 1)), keepdims=keepdim))
+    return unblocked(importer, pooled, copy.channels)
+
+
+@register_translation("mean.dim")
+def translate_mean(node, importer):
+    args = dict(zip(("input", "dim", "keepdim"), node.args), **node.kwargs)
+    out = None
+    if args.get("dtype") is None:
+        out = _spatial_mean(node, importer, args.get("dim"), bool(args.get("keepdim", False)))
+    return out if out is not None else _frontend(importer, "mean.dim")(node)
+
+
+def _adaptive_avg_pool2d(op_name: str):
+    def translate(node, importer):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        out = None
+        if size is not None and list(_pair(size, 2, 1)) == [1, 1]:
+            out = _spatial_mean(node, importer, [2, 3], True)
+        return out if out is not None else _frontend(importer, op_name)(node)
+
+    translate.__qualname__ = f"adaptive_avg_pool2d[{op_name}]"
+    return translate
+
+
+for _name in ("adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default"):
+    register_translation(_name)(_adaptive_avg_pool2d(_name))

@@ -18,6 +18,7 @@ copy: the windows are read in place.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 __all__ = ["LANES", "RED", "ceil_to", "conv_input", "conv_out_size", "conv_packed", "emit_gather",
@@ -185,19 +186,23 @@ def max_pool_blocked(data, kernel, stride, padding, dilation, ceil_mode: bool):
     return te.compute((n, *out, blocks, lanes), f, name="max_pool_blocked")
 
 
-def _schedule_gather(sch, block, vector_tail: int = 0) -> None:
-    """Outer two loops fused and parallel; the last ``vector_tail`` loops fused and vectorized
-    (contiguous copies), else the innermost unrolled.
+#: Below this many output elements a copy runs on one thread: waking the other threads for a
+#: microsecond of copying costs more than it saves (and at batch 1 most copies are this small).
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+def _schedule_gather(sch, block, elements: int, vector_tail: int = 0) -> None:
+    """Outer two loops fused and parallel (large copies only); the last ``vector_tail`` loops
+    fused and vectorized (contiguous copies), else the innermost unrolled.
 
     MetaSchedule's generic rules fuse every loop of such a gather into one flat vectorized
     loop, where each element recomputes its source index with 64-bit divisions (4-9 ms for a
     56x56 layer's window gather, 10x the GEMM it fed).
     """
     loops = sch.get_loops(block)
-    if len(loops) > 2:
-        sch.parallel(sch.fuse(*loops[:2]))
-    else:
-        sch.parallel(loops[0])
+    outer = sch.fuse(*loops[:2]) if len(loops) > 2 else loops[0]
+    if elements >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
     if vector_tail and len(loops) - vector_tail >= 2:
         sch.vectorize(sch.fuse(*loops[-vector_tail:]))
     elif len(loops) > 2:
@@ -214,7 +219,7 @@ def emit_gather(bb, name: str, compute, inputs, *args, vector_tail: int = 0):
     holders = [te.placeholder([int(s) for s in v.ty.shape], v.ty.dtype, name=f"x{i}") for i, v in enumerate(inputs)]
     out = compute(*holders, *args)
     sch = s_tir.Schedule(te.create_prim_func([*holders, out]))
-    _schedule_gather(sch, sch.get_sblock(out.op.name), vector_tail)
+    _schedule_gather(sch, sch.get_sblock(out.op.name), math.prod(int(d) for d in out.shape), vector_tail)
     func = sch.mod["main"].without_attr("global_symbol")
     func = func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # kOpaque
     gv = bb.add_func(func, name)

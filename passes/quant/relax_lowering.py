@@ -107,14 +107,16 @@ def translate_quantize(node, importer):
     from tvm.relax import op as R
 
     _check(node)
-    _, scale, zp, qmin, qmax, dtype = node.args
+    x, scale, zp, qmin, qmax, dtype = node.args
     bb = importer.block_builder
 
     def emit(v):
         r = R.add(R.round(R.divide(v, _f32(scale))), _f32(zp))
         return bb.emit(R.astype(R.clip(r, float(qmin), float(qmax)), _dtype(dtype)))
 
-    return _affine(importer, node, emit)
+    out = _affine(importer, node, emit)
+    _quantized_source(importer)[out] = (importer.env[x], (scale, zp, qmin, qmax, _dtype(dtype)))
+    return out
 
 
 @register_translation("q8_dequantize.default")
@@ -167,7 +169,7 @@ def packed_conv(bb, data, weight, bias, multiplier, x_zp: int, out_zp: int, lo, 
 
 def _conv_input(bb, importer, data, padding, x_zp: int):
     """``data`` in the conv layout ``(N, *padded, C/4, 4)``: its blocked copy as it lies when no
-    padding is needed, else one pre-scheduled copy."""
+    padding is needed, else one pre-scheduled copy (quantizing a float input on the way)."""
     from tvm.relax import op as R
 
     copy = blocked_of(importer, data)
@@ -177,7 +179,18 @@ def _conv_input(bb, importer, data, padding, x_zp: int):
             return bb.emit(R.reshape(copy.var, [*shape[:-2], shape[-2] * LANES // RED, RED]))
         return emit_gather(bb, "pad_blocked", conv_input, [copy.var], padding, x_zp, copy.channels,
                            vector_tail=2)
+    quantized = _quantized_source(importer).get(data)
+    if quantized is not None:  # quantize the float input while laying it out (the quantize goes dead)
+        source, quant = quantized
+        return emit_gather(bb, "quantize_pad", conv_input, [source], padding, x_zp, 0, quant)
     return emit_gather(bb, "pad", conv_input, [data], padding, x_zp)
+
+
+def _quantized_source(importer):
+    """Per lowering: quantized NCHW tensor -> (the float tensor, its quantization)."""
+    if not hasattr(importer, "_graphopt_quantized"):
+        importer._graphopt_quantized = {}
+    return importer._graphopt_quantized
 
 
 @register_translation("q8_conv.default")

@@ -21,7 +21,7 @@ on ``--arm-images`` test images (emulated: no timings).
 Prints a table and writes it into docs/performance.md between the int8 markers.
 
 Usage:
-    python benchmarks/int8.py [--models default convnet] [--trials 64] [--threads 2]
+    python benchmarks/int8.py [--models default convnet resnet18] [--trials 64] [--threads 2]
                               [--rounds 20] [--arm] [--no-docs]
 
 Small ``--trials`` (tens) only show that the path works; the speed claims need budgets of
@@ -242,7 +242,8 @@ def render(rows: List[dict], info: dict, args) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {info['cpu']} ({info['cores']} cores, LLVM mcpu "
         f"{info['mcpu']}; {info['features']}), {args.threads} threads for every engine, batch 1, {args.rounds} "
-        f"interleaved rounds of 5 runs per engine (each block after 0.3 s of quiet and 50 ms of untimed runs); load average at the end {info['load']}. torch {info['torch']}, "
+        "interleaved rounds of 5 runs per engine (each block after 0.3 s of quiet and 50 ms of untimed runs); "
+        f"load average at the end {info['load']}. torch {info['torch']}, "
         f"ONNX Runtime {info['onnxruntime']}, TVM {info['tvm']}. graphopt int8 is per-channel int8 weights, uint8 "
         "activations (the `quantize` defaults), ONNX Runtime int8 is `quantize_static` QDQ per-channel (uint8 "
         "activations, int8 weights) on the same calibration batches.",
@@ -280,7 +281,7 @@ def render(rows: List[dict], info: dict, args) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["default", "convnet"], choices=sorted(BENCH_MODELS))
+    parser.add_argument("--models", nargs="+", default=["default", "convnet", "resnet18"], choices=sorted(BENCH_MODELS))
     parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per model and precision")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)

@@ -176,7 +176,8 @@ def render(rows: List[dict], info: dict, args) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {info['cpu']} ({info['cores']} cores, LLVM mcpu "
         f"{info['mcpu']}; {info['features']}), {args.threads} threads for every engine, batch 1, "
-        f"{args.rounds} interleaved rounds of 5 runs per engine; load average at the end {info['load']}. "
+        f"{args.rounds} interleaved rounds of 5 runs per engine (each block after 0.3 s of quiet and 50 ms of "
+        f"untimed runs); load average at the end {info['load']}. "
         f"torch {info['torch']}, ONNX Runtime {info['onnxruntime']}, TVM {info['tvm']}.",
         "",
         "| model | input | PyTorch eager | ONNX Runtime | graphopt untuned | graphopt tuned | tuned vs eager | "

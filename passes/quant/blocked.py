@@ -60,7 +60,10 @@ def _copies(importer) -> Dict[object, Blocked]:
 
 
 def blocked_of(importer, value) -> Optional[Blocked]:
-    return _copies(importer).get(value)
+    try:
+        return _copies(importer).get(value)
+    except TypeError:  # not a Relax value (the frontend keeps some arguments as Python lists)
+        return None
 
 
 def remember(importer, value, blocked, channels: int) -> None:

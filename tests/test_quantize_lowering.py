@@ -62,6 +62,15 @@ def test_compiled_ir_has_int8_convolutions_with_int32_accumulation():
     assert torch.equal(opt(x), opt.graph_module(x))  # bit-exact: same integer math, same float32 steps
 
 
+def test_int8_artifact_saves_loads_and_runs_the_same(tmp_path):
+    model, inputs = zoo.build("residual")
+    opt = quantized(model, inputs, target="x86")
+    x = calibration(inputs[0].shape, n=1, batch=1, seed=4)[0]
+    with graphopt.load(opt.compiled.save(tmp_path / "int8")) as loaded:
+        assert torch.equal(torch.as_tensor(loaded(x)), opt(x))
+        assert "conv_packed" in loaded.ir()
+
+
 @pytest.mark.parametrize("name", ["mobilenetv2", "conv1d", "flatten_linear", "se_resnext"])
 def test_compiled_agrees_with_simulated(name):
     model, inputs = zoo.build(name)

@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.fx as fx
 
+from .batches import as_batches
 from .capture import capture, normalize_inputs
 from .context import PassContext, default_progress, no_progress
 from .errors import InputShapeError, MissingInputError
@@ -64,38 +65,6 @@ class ProgressInstrument(PassInstrument):
         self.bar.close()
 
 
-def normalize_batches(data: Optional[Iterable[Any]], n_inputs: int) -> Optional[List[Tuple[torch.Tensor, ...]]]:
-    """Calibration data to a list of input tuples; (images, labels) pairs keep only the inputs."""
-    if data is None:
-        return None
-    if isinstance(data, torch.Tensor):
-        raise InputShapeError("calibration_data must be an iterable of batches (e.g. a list of tensors "
-                              "or a DataLoader), not a single tensor: wrap it as [tensor]")
-    batches = []
-    for i, b in enumerate(data):
-        if isinstance(b, torch.Tensor):
-            b = (b,)
-        if not isinstance(b, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in b[:n_inputs]):
-            raise InputShapeError(f"calibration batch {i} is a {type(b).__name__}: each batch must be a tensor "
-                                  "or a tuple of tensors, one per model input")
-        batches.append(tuple(b[:n_inputs]))
-    if not batches:
-        raise MissingInputError("calibration_data is empty: give at least one batch")
-    return batches
-
-
-def check_batches(batches: Sequence[Tuple[torch.Tensor, ...]], example: Tuple[torch.Tensor, ...]) -> None:
-    """Every batch must match the example inputs in all but the batch dimension."""
-    for i, b in enumerate(batches):
-        for j, (t, e) in enumerate(zip(b, example)):
-            if t.shape[1:] != e.shape[1:] or t.dtype != e.dtype:
-                raise InputShapeError(
-                    f"calibration batch {i}, input {j}: shape {tuple(t.shape)} {t.dtype} does not match the "
-                    f"example input {tuple(e.shape)} {e.dtype} (only the batch dimension may differ)")
-        if len(b) != len(example):
-            raise InputShapeError(f"calibration batch {i} has {len(b)} inputs, the model takes {len(example)}")
-
-
 def optimize(
     model: torch.nn.Module,
     passes: Optional[Sequence[PassItem]] = None,
@@ -146,27 +115,28 @@ def optimize(
         raise MissingInputError(
             "optimize needs example_inputs to trace the model, propagate shapes and check numerics: "
             "pass example_inputs=(torch.randn(1, 3, 224, 224),) shaped like the model's inputs")
-    n_inputs = len(normalize_inputs(example_inputs)) if example_inputs is not None else 1_000_000
-    batches = normalize_batches(calibration_data, n_inputs)
-    example = normalize_inputs(example_inputs) if example_inputs is not None else batches[0]
-    if batches is not None:
-        check_batches(batches, example)
+    example = normalize_inputs(example_inputs) if example_inputs is not None else None
+    batches = as_batches(calibration_data, example)
+    example = example if example is not None else batches[0]
     bar = default_progress if progress else no_progress
     ctx = PassContext(example_inputs=example, calibration_data=batches, eval_fn=eval_fn, target=tgt,
                       seed=seed, logger=log, progress=bar)
     # everything that can be validated is validated before the (possibly slow) capture
-    reporter = ReportInstrument(type(model).__name__, getattr(tgt, "name", None))
+    reporter = ReportInstrument(type(model).__name__, ctx.capabilities.name if tgt is not None else None)
     manager = PassManager(pipeline, instruments=[reporter], **manager_args)
     manager.instruments.append(ProgressInstrument(len(manager.steps), bar))
     manager.check_needs(ctx)
     gm = capture(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    if tgt is not None and (measure_latency or measure_latency is None) and hasattr(tgt, "measure_latency"):
-        if getattr(tgt, "emulated", False):  # qemu timings say nothing about the device
-            if measure_latency:
-                log.warning("%s runs under qemu emulation here: per-pass latency is not measured; give the "
-                            "target rpc= or tracker= to time passes on a real device", tgt.name)
-        else:
-            reporter.latency_fn = lambda g: tgt.measure_latency(g, example)
+    caps = ctx.capabilities
+    if caps is not None and (measure_latency or measure_latency is None):
+        if caps.can_measure_latency:
+            reporter.latency_fn = lambda g: caps.measure_latency(g, example)
+        elif measure_latency and caps.emulated:  # qemu timings say nothing about the device
+            log.warning("%s runs under qemu emulation here: per-pass latency is not measured; give the "
+                        "target rpc= or tracker= to time passes on a real device", caps.name)
+        elif measure_latency:
+            log.warning("target %s cannot measure latency (it has no measure_latency method): "
+                        "per-pass latency is not measured", caps.name)
     ctx.original = gm
     final = manager.run(gm, ctx)
     compiled = None

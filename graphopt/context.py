@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import MissingInputError
+from .target_protocol import TargetCapabilities, capabilities_of
 
 log = logging.getLogger("graphopt")
 
@@ -62,6 +63,11 @@ class PassContext:
     logger: logging.Logger = log
     progress: Callable = default_progress
     messages: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def capabilities(self) -> Optional[TargetCapabilities]:
+        """The target's capabilities (documented defaults for what it leaves out); None without a target."""
+        return capabilities_of(self.target) if self.target is not None else None
 
     def note(self, message: str) -> None:
         """Record a message for the current pass's report entry (e.g. why a layer was skipped)."""

@@ -133,15 +133,19 @@ class PassManager:
         self.on_error = on_error
         self.exact_tolerance = exact_tolerance
         self.tolerances = dict(tolerances or {})
+        self._needs_checked: Optional[PassContext] = None
 
     def check_needs(self, ctx: PassContext) -> None:
         """Fail before anything runs when a pass needs data the context does not have."""
         for step in self.steps:
             ctx.require(step.spec.needs, f"pass {step.spec.name!r}")
+        self._needs_checked = ctx
 
     def validate(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        """Each pass's own check of its options against this model, before any pass runs."""
-        self.check_needs(ctx)
+        """Each pass's own check of its options against this model, before any pass runs
+        (and the needs, unless :meth:`check_needs` already ran for ``ctx``)."""
+        if self._needs_checked is not ctx:
+            self.check_needs(ctx)
         for step in self.steps:
             if step.spec.validate is not None:
                 step.spec.validate(gm, ctx, **step.options)

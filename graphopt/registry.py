@@ -83,6 +83,22 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
+#: Entry-point group of objects plugins add to the ``graphopt`` namespace (``graphopt.Target``...).
+EXPORTS_GROUP = "graphopt.exports"
+
+
+def exported(name: str):
+    """The object a plugin exports as ``graphopt.<name>`` (entry-point group ``graphopt.exports``).
+
+    Raises:
+        AttributeError: no installed plugin exports ``name``.
+    """
+    for ep in entry_points(group=EXPORTS_GROUP):
+        if ep.name == name:
+            return ep.load()
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
+
+
 def origin_of(obj: Callable) -> str:
     """A stable identity for a plugin object: where it was defined."""
     return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}"

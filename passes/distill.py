@@ -56,15 +56,11 @@ def _batches_from(data: Any, n_inputs: int, where: str, consume: bool = True) ->
     return data
 
 
-def _inputs(batch: Any, n_inputs: int, i: int) -> Tuple[torch.Tensor, ...]:
-    if isinstance(batch, torch.Tensor):
-        batch = (batch,)
-    if not isinstance(batch, (tuple, list)) or len(batch) < n_inputs or \
-            not all(isinstance(t, torch.Tensor) for t in batch[:n_inputs]):
-        raise graphopt.InputShapeError(
-            f"distill: batch {i} is a {type(batch).__name__}; each batch must be a tensor or a tuple "
-            f"starting with the model's {n_inputs} input tensor(s) (labels after them are ignored)")
-    return tuple(batch[:n_inputs])
+def _inputs(batch: Any, example: Tuple[torch.Tensor, ...], i: int) -> Tuple[torch.Tensor, ...]:
+    """The model inputs of training batch ``i``, checked like calibration data (shape, dtype, finite)."""
+    inputs = graphopt.batch_inputs(batch, len(example), "distill: training", i)
+    graphopt.check_batch(inputs, example, "distill: training", i)
+    return inputs
 
 
 def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, train_data=None, **_) -> None:
@@ -74,7 +70,10 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, train_data=N
             "distill needs input batches to train on: pass calibration_data=[batch, ...] to "
             "optimize(), or the option train_data=<iterable of batches> (inputs only, no labels needed)")
     if train_data is not None:
-        _batches_from(train_data, max(len(ctx.example_inputs), 1), "train_data", consume=False)
+        data = _batches_from(train_data, max(len(ctx.example_inputs), 1), "train_data", consume=False)
+        if isinstance(data, (list, tuple)):  # in memory: check every batch now, not mid-training
+            for i, b in enumerate(data):
+                _inputs(b, ctx.example_inputs, i)
 
 
 def _rebatch(batches: List[Tuple[torch.Tensor, ...]], size: int, gen: torch.Generator) -> List[Tuple[torch.Tensor, ...]]:
@@ -132,7 +131,6 @@ def _set_bn_eval(module: nn.Module) -> None:
 def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperature, batch_size,
             weight_decay, loss, bn, train_data):
     """Train the current graph to match the reference model's outputs, then put it in eval mode."""
-    validate_options(gm, ctx, train_data=train_data)
     n_inputs = max(len(ctx.example_inputs), 1)
     source = _batches_from(train_data, n_inputs, "train_data") if train_data is not None else ctx.calibration_data
     teacher = ctx.reference if ctx.reference is not None else ctx.original
@@ -149,7 +147,7 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
         torch.manual_seed(ctx.seed)
         gen = torch.Generator().manual_seed(ctx.seed)
         if in_memory:
-            batches = [_inputs(b, n_inputs, i) for i, b in enumerate(source)]
+            batches = [_inputs(b, ctx.example_inputs, i) for i, b in enumerate(source)]
             if not batches:
                 raise graphopt.MissingInputError("distill: the training data holds no batch")
             if batch_size is not None:
@@ -174,7 +172,7 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
                         else:
                             epoch_batches = [batches[i] for i in torch.randperm(len(batches), generator=gen)]
                     else:
-                        epoch_batches = (_inputs(b, n_inputs, i) for i, b in enumerate(source))
+                        epoch_batches = (_inputs(b, ctx.example_inputs, i) for i, b in enumerate(source))
                     running, count = 0.0, 0
                     for inputs in epoch_batches:
                         if not frozen_bn and inputs[0].shape[0] < 2:

@@ -64,8 +64,9 @@ def _why_not(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> Optional[st
     if len(src.users) > 1:
         others = ", ".join(u.name for u in src.users if u is not bn_node)
         return f"the output of {src.target} is also used by {others}; folding would change that use"
-    if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) > 1:
-        return f"{src.target} is called more than once (shared weights)"
+    shared = graphopt.shared_weights(gm)
+    if src.target in shared or bn_node.target in shared:
+        return shared.get(src.target) or shared[bn_node.target]
     if isinstance(layer, nn.Linear):
         shape = src.meta.get("tensor_meta")
         if shape is None or len(shape.shape) != 2:

@@ -452,8 +452,8 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     if ratio is None and target_macs is None:
         ratio = DEFAULT_RATIO
     if round_to is None:
-        lanes = getattr(ctx.target, "preferred_channel_multiple", None) if ctx.target is not None else None
-        round_to = int(lanes) if lanes else DEFAULT_ROUND_TO
+        caps = ctx.capabilities
+        round_to = caps.preferred_channel_multiple if caps is not None else DEFAULT_ROUND_TO
     if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op == "call_module"):
         propagate_shapes(gm, ctx.example_inputs)
     macs_before = graphopt.count_macs(gm)

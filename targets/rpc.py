@@ -39,7 +39,8 @@ import numpy as np
 from graphopt.errors import TargetError
 
 from .arm_sysroot import CROSS_CXX, RUNTIME_EXTRA_RELPATH, ensure_sysroot, require_cross_compiler
-from .qemu import die_with_parent, elf_machine, qemu_python_command
+from .processes import die_with_parent, kill_group
+from .qemu import elf_machine, qemu_python_command
 
 __all__ = ["LoopbackDeviceFarm", "RpcRunner", "build_candidate", "connect",
            "export_cross_compiled",
@@ -415,7 +416,7 @@ class LoopbackDeviceFarm:
     def close(self) -> None:
         """Kill every process group the farm started, then remove its files."""
         for _, proc, log in reversed(self._procs):
-            _kill_group(proc)
+            kill_group(proc, grace_s=5)
             log.close()
         self._procs = []
         if self._tmp is not None:
@@ -493,16 +494,3 @@ def _tail(log, limit: int = 3000) -> str:
     return log.read().decode(errors="replace")[-limit:]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue

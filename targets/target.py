@@ -117,6 +117,12 @@ class Target:
         return self.triple.split("-", 1)[0]
 
     @property
+    def activation_dtype(self) -> str:
+        """int8 activations on AArch64 (``sdot``/``smull`` multiply int8 by int8), uint8 on x86
+        (VNNI's ``vpdpbusd`` multiplies uint8 by int8)."""
+        return "int8" if self.arch == "aarch64" else "uint8"
+
+    @property
     def mcpu(self) -> Optional[str]:
         return self.tvm_target.get("mcpu")
 

@@ -9,7 +9,8 @@ import torch
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 MODULES = ["graphopt", "graphopt.api", "graphopt.capture", "graphopt.pass_registry", "graphopt.manager",
-           "graphopt.analysis.graphview", "graphopt.models.reference"]
+           "graphopt.analysis.graphview", "graphopt.models.reference", "graphopt.target_protocol",
+           "graphopt.batches", "graphopt.analysis.sharing"]
 
 
 @pytest.mark.parametrize("name", MODULES)

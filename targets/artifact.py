@@ -26,6 +26,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -36,6 +37,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -128,6 +130,7 @@ class CompiledModel:
         self._params = params
         self._owned = owns_directory
         self._runner = None
+        self._lock = threading.RLock()  # starts the runner once; serializes runners that are not thread-safe
         self.inputs = [TensorSpec.from_dict(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(d) for d in manifest["outputs"]]
         self.tuning = TuningInfo.from_dict(manifest.get("tuning") or {})
@@ -217,11 +220,16 @@ class CompiledModel:
     @property
     def runner(self):
         """The runner (started on first use: a qemu worker or an RPC session takes seconds)."""
-        if self._runner is None:
-            if self._dir is None:
-                raise ArtifactError("this CompiledModel is closed")
-            self._runner = make_runner(self.target, str(self._dir / LIB), params=self._params)
-        return self._runner
+        with self._lock:
+            if self._runner is None:
+                if self._dir is None:
+                    raise ArtifactError("this CompiledModel is closed")
+                self._runner = make_runner(self.target, str(self._dir / LIB), params=self._params)
+            return self._runner
+
+    def _serialized(self, runner):
+        """A lock to hold around ``runner``'s calls: none for thread-safe runners."""
+        return contextlib.nullcontext() if getattr(runner, "thread_safe", False) else self._lock
 
     def __call__(self, *args):
         """Run on torch tensors (returns torch tensors) or numpy arrays (returns numpy)."""
@@ -229,7 +237,9 @@ class CompiledModel:
         import torch.utils._pytree as pytree
 
         arrays = self._check_inputs(args)
-        flat = self.runner.run(arrays)
+        runner = self.runner
+        with self._serialized(runner):
+            flat = runner.run(arrays)
         if len(flat) != len(self.outputs):
             raise TargetError(f"the library returned {len(flat)} outputs, the graph has {len(self.outputs)}")
         as_torch = any(isinstance(a, torch.Tensor) for a in self._unpack(args))
@@ -247,16 +257,17 @@ class CompiledModel:
         else:
             arrays = self._check_inputs(tuple(inputs))
         runner = self.runner
-        if hasattr(runner, "time_runs"):
-            seconds = runner.time_runs(arrays, repeat, warmup)
-        else:
-            for _ in range(warmup):
-                runner.run(arrays)
-            seconds = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                runner.run(arrays)
-                seconds.append(time.perf_counter() - start)
+        with self._serialized(runner):
+            if hasattr(runner, "time_runs"):
+                seconds = runner.time_runs(arrays, repeat, warmup)
+            else:
+                for _ in range(warmup):
+                    runner.run(arrays)
+                seconds = []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    runner.run(arrays)
+                    seconds.append(time.perf_counter() - start)
         ms = sorted(s * 1e3 for s in seconds)
         q = lambda f: ms[min(len(ms) - 1, int(round(f * (len(ms) - 1))))]  # noqa: E731
         where = "rpc" if self.target.remote else "qemu" if self.target.emulated else "local"
@@ -310,9 +321,10 @@ class CompiledModel:
 
     def close(self) -> None:
         """Stop the runner (qemu worker, RPC session) and delete the private build directory."""
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        with self._lock:
+            if self._runner is not None:
+                self._runner.close()
+                self._runner = None
         if self._owned is not None:
             self._owned.cleanup()
             self._owned = None

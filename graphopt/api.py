@@ -10,7 +10,11 @@ import torch.fx as fx
 from .batches import as_batches
 from .capture import capture, normalize_inputs
 from .context import PassContext, default_progress, no_progress
-from .errors import InputShapeError, MissingInputError
+from .arguments import (
+    check_concrete_args, check_eval_fn, check_example_inputs, check_leaf_modules, check_model, check_passes,
+    check_positive, check_tolerances, check_tune_trials,
+)
+from .errors import InvalidArgumentError, MissingInputError
 from .manager import PassInstrument, PassManager
 from .pass_registry import PassItem
 from .report.instrument import ReportInstrument
@@ -106,25 +110,35 @@ def optimize(
         >>> [r.status for r in opt.report.records]
         ['applied', 'no-op']
     """
+    # every argument is checked here, before the (possibly slow) capture, passes and compile
+    check_model(model)
+    pipeline = check_passes(DEFAULT_PASSES if passes is None else passes)
     tgt = get_target(target) if target is not None else None
-    if tune_trials is not None and (not isinstance(tune_trials, int) or tune_trials < 0):
-        raise ValueError(f"tune_trials must be a non-negative int or None, got {tune_trials!r}")
-    manager_args = dict(on_error=on_error, exact_tolerance=exact_tolerance, tolerances=tolerances, log=log)
-    pipeline = list(DEFAULT_PASSES if passes is None else passes)
+    check_tune_trials(tune_trials, tgt is not None)
+    exact_tolerance = check_positive("exact_tolerance", exact_tolerance)
+    eval_fn = check_eval_fn(eval_fn)
+    leaf_modules = check_leaf_modules(model, leaf_modules)
+    concrete_args = check_concrete_args(model, concrete_args)
+    for name, value in (("measure_latency", measure_latency), ("progress", progress)):
+        if value is not None and not isinstance(value, bool):
+            raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
     if example_inputs is None and calibration_data is None:
         raise MissingInputError(
             "optimize needs example_inputs to trace the model, propagate shapes and check numerics: "
             "pass example_inputs=(torch.randn(1, 3, 224, 224),) shaped like the model's inputs")
     example = normalize_inputs(example_inputs) if example_inputs is not None else None
-    batches = as_batches(calibration_data, example)
-    example = example if example is not None else batches[0]
+    batches = as_batches(calibration_data, example)  # copies: the caller's tensors stay as they are
+    example = tuple(t.detach().clone() for t in (example if example is not None else batches[0]))
+    check_example_inputs(example)
     bar = default_progress if progress else no_progress
     ctx = PassContext(example_inputs=example, calibration_data=batches, eval_fn=eval_fn, target=tgt,
                       seed=seed, logger=log, progress=bar)
-    # everything that can be validated is validated before the (possibly slow) capture
+    manager = PassManager(pipeline, on_error=on_error, exact_tolerance=exact_tolerance, log=log)
+    manager.tolerances = check_tolerances(tolerances, [step.spec.name for step in manager.steps])
     reporter = ReportInstrument(type(model).__name__, ctx.capabilities.name if tgt is not None else None)
-    manager = PassManager(pipeline, instruments=[reporter], **manager_args)
-    manager.instruments.append(ProgressInstrument(len(manager.steps), bar))
+    manager.instruments += [reporter, ProgressInstrument(len(manager.steps), bar)]
     manager.check_needs(ctx)
     gm = capture(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
     caps = ctx.capabilities
@@ -137,7 +151,6 @@ def optimize(
         elif measure_latency:
             log.warning("target %s cannot measure latency (it has no measure_latency method): "
                         "per-pass latency is not measured", caps.name)
-    ctx.original = gm
     final = manager.run(gm, ctx)
     compiled = None
     if tgt is not None:

@@ -25,7 +25,8 @@ Batch = Tuple[torch.Tensor, ...]
 
 
 def batch_inputs(batch: Any, n_inputs: int, where: str, i: int) -> Batch:
-    """The model inputs of ``batch`` (its first ``n_inputs`` tensors), the ``i``-th of ``where``.
+    """Copies of the model inputs of ``batch`` (its first ``n_inputs`` tensors), the ``i``-th of
+    ``where``: the caller's tensors are never handed to a model.
 
     Raises:
         InputShapeError: ``batch`` is neither a tensor nor a tuple starting with that many tensors.
@@ -37,7 +38,7 @@ def batch_inputs(batch: Any, n_inputs: int, where: str, i: int) -> Batch:
         raise InputShapeError(
             f"{where} batch {i} is a {type(batch).__name__}; each batch must be a tensor or a tuple "
             f"starting with the model's {n_inputs} input tensor(s) (labels after them are ignored)")
-    return tuple(batch[:n_inputs])
+    return tuple(t.detach().clone() for t in batch[:n_inputs])  # a forward may write into its inputs
 
 
 def check_batch(inputs: Sequence[Any], example: Sequence[torch.Tensor], where: str, i: int) -> None:

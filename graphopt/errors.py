@@ -1,4 +1,14 @@
 """Typed exceptions: every user mistake ends in one of these, with a message that says what to do."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
+    """`` Did you mean 'x'?`` for the known names closest to ``name``, or '' when none is close."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=n)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 class GraphoptError(Exception):
@@ -14,6 +24,11 @@ class UnknownNameError(GraphoptError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class InvalidArgumentError(GraphoptError, ValueError, TypeError):
+    """An argument of ``optimize()`` (or the CLI) graphopt cannot use; the message names it and
+    what to pass instead."""
 
 
 class PassOptionError(GraphoptError, ValueError):

@@ -5,13 +5,12 @@ packages (``graphopt.passes``, ``graphopt.targets``), so the core never imports 
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import warnings
 from importlib.metadata import entry_points
 from typing import Callable, Dict, Generic, Iterator, List, TypeVar
 
-from .errors import UnknownNameError
+from .errors import UnknownNameError, did_you_mean
 
 T = TypeVar("T")
 log = logging.getLogger("graphopt")
@@ -64,10 +63,10 @@ class Registry(Generic[T]):
             self.discover()
         if name not in self._items:
             known = sorted(self._items)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            plural = self.kind + ("es" if self.kind.endswith("s") else "s")
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known) or '(none)'}."
+                f"unknown {self.kind} {name!r}.{did_you_mean(name, known, n=1)} "
+                f"Known {plural}: {', '.join(known) or '(none)'}."
             )
         return self._items[name]
 

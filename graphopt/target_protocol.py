@@ -39,6 +39,8 @@ import math
 import weakref
 from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
+from .errors import InvalidArgumentError
+
 __all__ = ["ACTIVATION_DTYPES", "DEFAULTS", "TargetCapabilities", "TargetProtocol", "capabilities_of",
            "check_target"]
 
@@ -100,11 +102,11 @@ class TargetCapabilities:
 def check_target(target: Any) -> Any:
     """``target`` itself when it is a usable target object, else a TypeError saying what to pass."""
     if isinstance(target, type):
-        raise TypeError(
+        raise InvalidArgumentError(
             f"target is the class {target.__name__}, not a target: pass a registered name such as "
             f"target='x86', or an instance (e.g. graphopt.Target(name=..., tvm_target={{...}}))")
     if not isinstance(target, TargetProtocol) or not callable(getattr(target, "compile", None)):
-        raise TypeError(f"target must be a registered name or an object with a compile() method, "
+        raise InvalidArgumentError(f"target must be a registered name or an object with a compile() method, "
                         f"not {type(target).__name__}")
     return target
 
@@ -117,7 +119,8 @@ def capabilities_of(target: Any) -> TargetCapabilities:
     """Resolve ``target``'s capabilities once (logging each default it falls back to).
 
     Raises:
-        TypeError: a capability the target provides has a value graphopt cannot use.
+        InvalidArgumentError: ``target`` is not a target, or a capability it provides has a value
+            graphopt cannot use.
     """
     try:
         cached = _RESOLVED.get(target)
@@ -140,10 +143,10 @@ def capabilities_of(target: Any) -> TargetCapabilities:
         name = type(target).__name__
     dtype = get("activation_dtype")
     if dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"target {name!r}: activation_dtype must be one of {ACTIVATION_DTYPES}, got {dtype!r}")
+        raise InvalidArgumentError(f"target {name!r}: activation_dtype must be one of {ACTIVATION_DTYPES}, got {dtype!r}")
     multiple = get("preferred_channel_multiple")
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-        raise TypeError(f"target {name!r}: preferred_channel_multiple must be an int >= 1, got {multiple!r}")
+        raise InvalidArgumentError(f"target {name!r}: preferred_channel_multiple must be an int >= 1, got {multiple!r}")
     emulated = bool(get("emulated"))
     if not callable(getattr(target, "measure_latency", None)):
         defaulted.append("measure_latency")

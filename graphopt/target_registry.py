@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, List
 
 from .registry import Registry, origin_of
+from .errors import InvalidArgumentError
 from .target_protocol import check_target
 
 TARGETS: Registry[Any] = Registry("target", "graphopt.targets")
@@ -24,8 +25,8 @@ def get_target(target: Any) -> Any:
         return TARGETS.get(target)
     try:
         return check_target(target)
-    except TypeError as e:
-        raise TypeError(f"{e} (registered names: {', '.join(TARGETS.names())})") from None
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{e} (registered names: {', '.join(TARGETS.names())})") from None
 
 
 def list_targets() -> List[str]:

@@ -57,8 +57,9 @@ __all__ = ["BenchmarkResult", "CompiledModel", "FORMAT", "FORMAT_VERSION", "load
 _log = logging.getLogger("graphopt.targets")
 
 FORMAT = "graphopt-compiled-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
 LIB, PARAMS, IR, MANIFEST = "model.so", "params.npz", "ir.txt", "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +277,29 @@ class CompiledModel:
                                p10_ms=q(0.1), p90_ms=q(0.9), repeat=repeat,
                                num_threads=self.num_threads, where=where)
 
+    def verify(self) -> None:
+        """Run the library once on zeros and check its outputs against the manifest.
+
+        A library that is not the one the manifest describes (another model's ``model.so``,
+        weights of other shapes) then fails here, with an ArtifactError, instead of on the
+        first call inside TVM.
+        """
+        arrays = [np.zeros(s.shape, s.dtype) for s in self.inputs]
+        try:
+            runner = self.runner
+            with self._serialized(runner):
+                flat = runner.run(arrays)
+        except Exception as e:
+            raise ArtifactError(
+                f"{self._dir / LIB} does not run with the inputs and weights its manifest lists "
+                f"({self._specs_text()}): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+                "the artifact's files do not belong together: save the model again") from e
+        got = [(tuple(o.shape), str(o.dtype)) for o in flat]
+        want = [(s.shape, s.dtype) for s in self.outputs]
+        if got != want:
+            raise ArtifactError(f"{self._dir / LIB} returns {got}, its manifest says {want}: the artifact's "
+                                "files do not belong together: save the model again")
+
     def ir(self) -> str:
         """The final Relax module (after tuning and weight-transform lifting), as text."""
         if self._dir is None:
@@ -314,6 +338,7 @@ class CompiledModel:
         manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         manifest["files"] = {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
                              for name in (LIB, PARAMS, IR)}
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         tmp = out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, out / MANIFEST)
@@ -369,10 +394,58 @@ def _read_manifest(directory: Path) -> Dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{directory} uses artifact format version {manifest.get('format_version')}; "
                             f"this graphopt reads version {FORMAT_VERSION}: rebuild the model")
+    if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        raise ArtifactError(f"{path} was changed after it was saved (its {MANIFEST_DIGEST} does not match "
+                            "its content): the artifact cannot be trusted; save the model again")
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"{path} lacks {', '.join(missing)}: corrupt manifest")
+    _check_fields(path, manifest)
     return manifest
+
+
+def manifest_digest(manifest: Dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, without the digest itself."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_fields(path: Path, manifest: Dict[str, Any]) -> None:
+    """Every field the loader uses has the type and range it needs (a clear error, not one from TVM)."""
+    def bad(field: str, why: str):
+        raise ArtifactError(f"{path}: {field} {why}: corrupt manifest; save the model again")
+
+    for field in ("inputs", "outputs", "params"):
+        specs = manifest[field]
+        if not isinstance(specs, list) or (field == "inputs" and not specs):
+            bad(field, "must be a non-empty list" if field == "inputs" else "must be a list")
+        for i, d in enumerate(specs):
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+                bad(f"{field}[{i}]", "must be a {name, shape, dtype} record")
+            shape = d.get("shape")
+            if not isinstance(shape, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                      for v in shape):
+                bad(f"{field}[{i}].shape", f"must be a list of non-negative ints, not {shape!r}")
+            try:
+                np.dtype(d.get("dtype"))
+            except TypeError:
+                bad(f"{field}[{i}].dtype", f"{d.get('dtype')!r} is not a dtype")
+    threads = manifest["num_threads"]
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
+        bad("num_threads", f"must be an int from 1 to 1024, not {threads!r}")
+    if not isinstance(manifest["target"], dict):
+        bad("target", "must be a record")
+    if not isinstance(manifest["out_tree"], str):
+        bad("out_tree", "must be a string")
+    files = manifest["files"]
+    if not isinstance(files, dict) or sorted(files) != sorted((LIB, PARAMS, IR)):
+        bad("files", f"must list exactly {LIB}, {PARAMS} and {IR}")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
+            bad(f"files[{name!r}]", "must be a {bytes, sha256} record")
+    if not isinstance(manifest["versions"], dict):
+        bad("versions", "must be a record")
 
 
 def _check_files(directory: Path, manifest: Dict[str, Any]) -> None:
@@ -462,4 +535,10 @@ def load(directory, *, rpc: Optional[str] = None, tracker: Optional[str] = None,
     manifest["num_threads"] = target.runtime_threads if num_threads is not None else manifest["num_threads"]
     if num_threads is None and target.num_threads is None:
         target = target.replace(num_threads=int(manifest["num_threads"]))
-    return CompiledModel(target, directory, manifest, params)
+    model = CompiledModel(target, directory, manifest, params)
+    try:
+        model.verify()
+    except Exception:
+        model.close()
+        raise
+    return model

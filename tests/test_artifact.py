@@ -13,7 +13,9 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.errors import ArtifactError, InputShapeError
-from graphopt.targets.artifact import LIB, MANIFEST, PARAMS, BenchmarkResult, CompiledModel, _sha256
+from graphopt.targets.artifact import (
+    LIB, MANIFEST, MANIFEST_DIGEST, PARAMS, BenchmarkResult, CompiledModel, _sha256, manifest_digest,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -170,11 +172,15 @@ def test_flipped_byte_in_the_weights(copy_of):
         graphopt.load(d)
 
 
-def _edit_manifest(d, fn):
+def _edit_manifest(d, fn, fix_checksums=True):
+    """Edit the manifest; with ``fix_checksums``, as someone who knows the format would (files and
+    manifest checksums made consistent), so the loader's deeper checks are what is tested."""
     manifest = json.loads((d / MANIFEST).read_text())
     fn(manifest)
-    for name, entry in manifest["files"].items():
-        entry.update(bytes=(d / name).stat().st_size, sha256=_sha256(d / name))
+    if fix_checksums:
+        for name, entry in manifest["files"].items():
+            entry.update(bytes=(d / name).stat().st_size, sha256=_sha256(d / name))
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     (d / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -190,6 +196,50 @@ def test_mismatched_artifacts(copy_of, edit, match):
     d = copy_of()
     _edit_manifest(d, edit)
     with pytest.raises(ArtifactError, match=match):
+        graphopt.load(d)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["inputs"][0].update(shape=[1, 3, 9, 9]),
+    lambda m: m.update(num_threads=64),
+    lambda m: m["files"].pop("ir.txt"),
+])
+def test_an_edited_manifest_is_refused(copy_of, edit):
+    d = copy_of()
+    _edit_manifest(d, edit, fix_checksums=False)
+    with pytest.raises(ArtifactError, match="was changed after it was saved"):
+        graphopt.load(d)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["inputs"][0].update(shape=[1, -3, 8, 8]), r"inputs\[0\].shape must be a list of non-negative"),
+    (lambda m: m["inputs"][0].update(dtype="float99"), r"inputs\[0\].dtype 'float99' is not a dtype"),
+    (lambda m: m.update(num_threads="2"), "num_threads must be an int"),
+    (lambda m: m.update(inputs=[]), "inputs must be a non-empty list"),
+    (lambda m: m["files"].pop("ir.txt"), "files must list exactly"),
+])
+def test_manifest_fields_are_validated(copy_of, edit, match):
+    d = copy_of()
+    _edit_manifest(d, edit)
+    with pytest.raises(ArtifactError, match=match):
+        graphopt.load(d)
+
+
+def test_an_input_shape_the_library_was_not_built_for_is_refused_on_load(copy_of):
+    d = copy_of()
+    _edit_manifest(d, lambda m: m["inputs"][0].update(shape=[1, 3, 9, 9]))
+    with pytest.raises(ArtifactError, match="does not run with the inputs and weights its manifest lists"):
+        graphopt.load(d)
+
+
+def test_another_models_library_is_refused_on_load(copy_of, tmp_path):
+    other = nn.Sequential(nn.Conv2d(3, 5, 1)).eval()
+    with graphopt.get_target("x86").compile(torch.fx.symbolic_trace(other), (torch.randn(1, 3, 8, 8),)) as c:
+        c.save(tmp_path / "other")
+    d = copy_of()
+    shutil.copyfile(tmp_path / "other" / LIB, d / LIB)
+    _edit_manifest(d, lambda m: None)  # checksums fixed: only the content is wrong
+    with pytest.raises(ArtifactError, match="does not run with the inputs and weights|returns"):
         graphopt.load(d)
 
 

@@ -16,6 +16,12 @@ MODEL_FILE = textwrap.dedent('''
 
     def small():
         return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+    def needs_width(width):
+        return nn.Sequential(nn.Conv2d(3, width, 3))
+
+    def broken():
+        raise RuntimeError("the factory itself fails")
 ''')
 
 
@@ -75,10 +81,35 @@ def test_module_factory_form():
     (["--passes", "fuse_conv_bn:ratio=2"], "has no option 'ratio'"),
     (["--passes", "fuse_conv_bn:ratio"], "must look like key=value"),
     (["--target", "risc-v"], "unknown target 'risc-v'"),
+    (["--input-shape", "1,3,-8,8"], "every dimension must be a positive integer"),
+    (["--tune-trials", "-1"], "argument --tune-trials: -1 is negative"),
+    (["--tune-trials", "many"], "argument --tune-trials: 'many' is not an integer"),
+    (["--weights", "missing.pt"], "--weights missing.pt: no such file"),
+    (["--report", "no/such/dir/r.html"], "the directory"),
+    (["--report", "report.txt"], "must end in .html or .json"),
+    (["--passes", "prune_channels:ratio=lots"], "prune_channels.ratio must be float"),
 ])
 def test_bad_input_exits_2_with_a_message(model_file, args, msg):
     out = graphopt_cli("optimize", f"{model_file}:small", "--input-shape", "1,3,8,8", *args)
     assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_report_path_is_checked_before_the_work(model_file, tmp_path):
+    out = graphopt_cli("-v", "optimize", f"{model_file}:small", "--input-shape", "1,3,8,8",
+                       "--report", str(tmp_path / "missing" / "r.html"))
+    assert out.returncode == 2 and "does not exist; create it first" in out.stderr
+    assert "pass fuse_conv_bn" not in out.stderr  # no pass ran
+
+
+@pytest.mark.parametrize("factory,msg", [
+    ("needs_width", "needs_width(width) needs arguments"),
+    ("broken", "building the model failed: RuntimeError: the factory itself fails"),
+])
+def test_bad_factories(model_file, factory, msg):
+    out = graphopt_cli("optimize", f"{model_file}:{factory}", "--input-shape", "1,3,8,8")
+    assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr
+    debug = graphopt_cli("--debug", "optimize", f"{model_file}:{factory}", "--input-shape", "1,3,8,8")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
 def test_bad_model_spec(tmp_path):

@@ -105,7 +105,8 @@ def test_keeps_multiples_of_round_to_and_min_channels():
 def test_round_to_defaults_to_the_target_vector_width():
     model, x = zoo.build("residual")
     gm = graphopt.capture(model, x)
-    ctx = graphopt.PassContext(example_inputs=x, target=types.SimpleNamespace(preferred_channel_multiple=16))
+    ctx = graphopt.PassContext(example_inputs=x, target=types.SimpleNamespace(preferred_channel_multiple=16,
+                                                                              compile=lambda gm, x, **kw: gm))
     out = graphopt.PassManager([("prune_channels", {"ratio": 0.5})], on_error="raise").run(gm, ctx)
     widths = {m.out_channels for m in out.modules() if isinstance(m, nn.Conv2d)}
     assert widths == {16}, widths  # 16-channel layers cannot be cut to a multiple of 16

@@ -9,7 +9,8 @@ import torch
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 MODULES = ["graphopt", "graphopt.api", "graphopt.capture", "graphopt.pass_registry", "graphopt.manager",
-           "graphopt.analysis.graphview", "graphopt.models.reference"]
+           "graphopt.analysis.graphview", "graphopt.models.reference", "graphopt.errors",
+           "graphopt.layer_registry"]
 
 
 @pytest.mark.parametrize("name", MODULES)

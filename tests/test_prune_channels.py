@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import graphopt
 import zoo
 from requirements import needs_arm_toolchain
-from graphopt.passes.prune_channels import cut
+from graphopt.analysis.channels import cut
 
 #: ratio=0.5 must cut at least this fraction of MACs (issue 4)
 MIN_MAC_CUT = {"densenet": 0.30, "shufflenet": 0.25}

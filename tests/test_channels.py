@@ -13,13 +13,7 @@ from graphopt.analysis.channels import Unsupported, analyze_channels, register_c
 from graphopt.layer_registry import unregister_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine can be 100x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def analyze(model, *shape):

@@ -16,13 +16,7 @@ from graphopt.analysis.channels import solver
 from graphopt.layer_registry import LAYERS, register_channel_rule, register_macs, unregister_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine can be 100x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- a new family, through the public API alone -------------------------------------------------

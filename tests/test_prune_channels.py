@@ -23,13 +23,7 @@ from graphopt.analysis.channels import cut
 MIN_MAC_CUT = {"densenet": 0.30, "shufflenet": 0.25}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine can be 100x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prune(model, inputs, **options):

@@ -53,7 +53,8 @@ class RuleContext:
     """What a channel rule may read and declare while the analysis walks the graph.
 
     Reading: :meth:`input` (the channel space of a node: a :class:`Space`, or None when the
-    tensor has no analyzable channels), :meth:`channels_of` (what was recorded, in any form),
+    tensor has no analyzable channels; :meth:`input_or_opaque` also passes the "none" on),
+    :meth:`channels_of` (what was recorded, in any form),
     :meth:`shape`, :meth:`value` (the concrete value of a non-tensor argument such as
     ``x.size(1) // 2``), :meth:`attr_space`, ``modules`` (name -> module), ``node`` (the node
     being visited).
@@ -94,6 +95,14 @@ class RuleContext:
         if isinstance(got, Chain):
             raise Unsupported(f"its input `{x.name}` has its channels spread over several dims")
         return got if isinstance(got, Space) else None
+
+    def input_or_opaque(self, x: Any) -> Optional[Space]:
+        """:meth:`input`; when ``x`` has no analyzable channels, neither has the current node's
+        output (declared :meth:`opaque` with ``x``'s reason) and None is returned."""
+        src = self.input(x)
+        if src is None:
+            self.opaque(self.reason(x))
+        return src
 
     def reason(self, x: Any) -> str:
         """Why node ``x`` has no analyzable channels."""

@@ -215,9 +215,8 @@ register_layer(*_EXPLICIT, *_COMPUTED, *_UNFLATTEN, channels=_movement)
 
 
 def _channel_shuffle(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
-    src = rc.input(node.args[0])
+    src = rc.input_or_opaque(node.args[0])
     if src is None:
-        rc.opaque(rc.reason(node.args[0]))
         return
     rc.expect_dim(src, 1, "channel_shuffle")
     g = module.groups if module is not None else rc.value(arg(node, 1, "groups"))
@@ -234,9 +233,8 @@ register_layer(torch.channel_shuffle, torch.native_channel_shuffle, nn.ChannelSh
 
 def _pixel_shuffle(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
     """Each coarse channel is r*r fine ones (r: the up- or downscale factor)."""
-    src = rc.input(node.args[0])
+    src = rc.input_or_opaque(node.args[0])
     if src is None:
-        rc.opaque(rc.reason(node.args[0]))
         return
     rc.expect_dim(src, 1, "pixel shuffle")
     out = rc.new_space(1)

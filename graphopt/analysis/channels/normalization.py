@@ -28,10 +28,8 @@ def _channel_params(rc: RuleContext, node: fx.Node, module: nn.Module, out: Spac
                 nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)
 class _BatchNorm:
     def channels(rc: RuleContext, node: fx.Node, bn: nn.Module) -> None:
-        x = node.args[0]
-        src = rc.input(x)
+        src = rc.input_or_opaque(node.args[0])
         if src is None:  # channels that cannot change: its parameters stay as they are
-            rc.opaque(rc.reason(x))
             return
         rc.expect_dim(src, 1, type(bn).__name__)
         _channel_params(rc, node, bn, rc.identity(src), _NORM_PARAMS)

@@ -30,11 +30,9 @@ def _same_channels(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) 
         # e.g. .contiguous() between the transpose and the view of a channel shuffle
         rc.set_chain(Chain(got.start, got.probe.contiguous(), got.adapts))
         return
-    src = rc.input(x)
-    if src is None:
-        rc.opaque(rc.reason(x))
-        return
-    rc.identity(src)
+    src = rc.input_or_opaque(x)
+    if src is not None:
+        rc.identity(src)
 
 
 register_layer(
@@ -159,9 +157,8 @@ def _reduce(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None
     """Over other dims: output c = input c. Over the channel dim: the result has no channels,
     and the input's channels may still be cut (fewer terms in the reduction)."""
     x = node.args[0]
-    src = rc.input(x)
+    src = rc.input_or_opaque(x)
     if src is None:
-        rc.opaque(rc.reason(x))
         return
     name = node.target if isinstance(node.target, str) else node.target.__name__
     dims = rc.value(arg(node, 2 if name == "norm" else 1, "dim"))

@@ -116,7 +116,7 @@ class LayerRegistry:
     def __init__(self) -> None:
         self._families: Dict[Any, LayerFamily] = {}
 
-    def add(self, keys: tuple, parts: Dict[str, Callable], origin: Optional[str] = None) -> None:
+    def add(self, keys: tuple, parts: Dict[str, Callable]) -> None:
         """Register ``parts`` (``{"channels": fn, ...}``) for every key, all or nothing.
 
         Raises:
@@ -130,7 +130,7 @@ class LayerRegistry:
                 raise TypeError(f"unknown layer family part {part!r}: the parts are {', '.join(PARTS)}")
             if not callable(fn):
                 raise TypeError(f"layer family part {part!r} must be callable, got {fn!r}")
-        origins = {p: origin or origin_of(fn) for p, fn in parts.items()}
+        origins = {p: origin_of(fn) for p, fn in parts.items()}
         for key in keys:
             _check_key(key)
             fam = self._families.get(key)

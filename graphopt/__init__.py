@@ -18,9 +18,10 @@ from .capture import capture
 from .context import PassContext
 from .errors import (
     ArtifactError, CaptureError, GraphoptError, InputShapeError, InvalidModelError,
-    MissingInputError, PassFailedError, PassOptionError, PassOrderError, TargetError,
-    UnknownNameError,
+    MissingInputError, PassFailedError, PassOptionError, PassOrderError, RegistrationError,
+    TargetError, UnknownNameError,
 )
+from .layer_registry import register_layer
 from .manager import PassInstrument, PassManager, PassResult
 from .pass_registry import Option, PassSpec, get_pass, list_passes, register_pass
 from .report.record import PassRecord, Report

@@ -5,12 +5,6 @@ import difflib
 from typing import Iterable
 
 
-def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
-    """`` Did you mean 'x'?`` for the known names closest to ``name``, or '' when none is close."""
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=n)
-    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-
-
 class GraphoptError(Exception):
     """Base class of every error graphopt raises on purpose."""
 
@@ -61,3 +55,24 @@ class TargetError(GraphoptError):
 
 class ArtifactError(GraphoptError):
     """A saved artifact is corrupt, truncated or does not match this machine or version."""
+
+
+class RegistrationError(GraphoptError, ValueError):
+    """Two plugins claim the same name or key (a pass, a target, a layer family's part)."""
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 3, *, sentence: bool = True) -> str:
+    """The close matches of ``name`` among ``known``, as a suffix for an error message.
+
+    ``sentence=True`` gives a sentence of its own (`` Did you mean 'a', 'b'?``), False a clause
+    (``; did you mean 'a'?``); no close match gives ''.
+
+    Example:
+        >>> "unknown pass 'fuse_conv_bm'." + did_you_mean("fuse_conv_bm", ["fuse_conv_bn", "dce"])
+        "unknown pass 'fuse_conv_bm'. Did you mean 'fuse_conv_bn'?"
+    """
+    close = difflib.get_close_matches(str(name), [str(k) for k in known if k], n=n)
+    if not close:
+        return ""
+    names = ", ".join(map(repr, close))
+    return f" Did you mean {names}?" if sentence else f"; did you mean {names}?"

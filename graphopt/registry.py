@@ -10,7 +10,7 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Callable, Dict, Generic, Iterator, List, TypeVar
 
-from .errors import UnknownNameError, did_you_mean
+from .errors import RegistrationError, UnknownNameError, did_you_mean
 
 T = TypeVar("T")
 log = logging.getLogger("graphopt")
@@ -34,7 +34,7 @@ class Registry(Generic[T]):
     def add(self, name: str, item: T, origin: str) -> None:
         """Register ``item``; a second, different plugin claiming the same name is an error."""
         if name in self._items and self._origin[name] != origin:
-            raise ValueError(
+            raise RegistrationError(
                 f"{self.kind} {name!r} is already registered by {self._origin[name]}; "
                 f"{origin} cannot register it again. Pick another name."
             )

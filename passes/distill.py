@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import Option
+from graphopt.numerics import flat_outputs
 
 LOSSES = ("auto", "kl", "mse")
 BN_MODES = ("frozen", "train")
@@ -81,13 +82,6 @@ def _rebatch(batches: List[Tuple[torch.Tensor, ...]], size: int, gen: torch.Gene
     cols = [torch.cat([b[j] for b in batches]) for j in range(len(batches[0]))]
     perm = torch.randperm(cols[0].shape[0], generator=gen)
     return [tuple(c[perm[i:i + size]] for c in cols) for i in range(0, len(perm), size)]
-
-
-def _tensors(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    return [t for o in items for t in _tensors(o)]
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, loss: str) -> torch.Tensor:
@@ -178,8 +172,8 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
                         if not frozen_bn and inputs[0].shape[0] < 2:
                             continue  # BatchNorm in train mode cannot use a batch of one
                         with torch.no_grad():
-                            targets = [t.detach() for t in _tensors(teacher(*inputs))]
-                        outs = _tensors(gm(*inputs))
+                            targets = [t.detach() for t in flat_outputs(teacher(*inputs))]
+                        outs = flat_outputs(gm(*inputs))
                         value = sum(kd_loss(o, t, temperature, loss) for o, t in zip(outs, targets)
                                     if o.is_floating_point())
                         opt.zero_grad(set_to_none=True)

@@ -12,6 +12,16 @@ import zoo  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: two OpenMP threads on a shared 2-core machine can
+    be 100x slower than one. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=sorted(zoo.ZOO))
 def zoo_model(request):
     """(name, model, example_inputs) for every zoo architecture."""

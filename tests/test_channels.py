@@ -10,15 +10,10 @@ import torch.nn.functional as F
 import graphopt
 import zoo
 from graphopt.analysis.channels import Unsupported, analyze_channels, register_channel_rule
+from graphopt.layer_registry import unregister_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine can be 100x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def analyze(model, *shape):
@@ -273,8 +268,7 @@ def test_unknown_ops_freeze_what_they_touch_and_say_why():
         register_channel_rule(Opaque)(lambda rc, node, m: rc.identity(rc.input(node.args[0])))
         assert analyze_channels(gm).groups_of("a")[0].prunable
     finally:
-        from graphopt.analysis import channels
-        del channels._RULES[Opaque]
+        unregister_layer(Opaque)
 
 
 class MyConv(nn.Conv2d):
@@ -350,8 +344,7 @@ def test_rule_raising_unsupported_leaves_no_trace():
         assert "changed its mind" in a.unknown["_1"]
         assert "node:_1" not in a.spaces and not group_with(a, "0").prunable
     finally:
-        from graphopt.analysis import channels
-        del channels._RULES[Half]
+        unregister_layer(Half)
 
 
 def tv_shuffle(x, groups: int):
@@ -410,7 +403,7 @@ def test_a_parameter_read_elsewhere_is_a_constant():
 
 
 def test_rules_keyed_by_qualified_name():
-    from graphopt.analysis.channels import _qualified_name
+    from graphopt.layer_registry import qualified_name as _qualified_name
 
     assert _qualified_name(torch.fft.fft) == "torch.fft.fft"
     assert _qualified_name(torch.conv2d) == "torch.conv2d"
@@ -421,8 +414,7 @@ def test_rules_keyed_by_qualified_name():
         register_channel_rule("torch.fft.fft")(lambda rc, node, mod: rc.identity(rc.input(node.args[0])))
         assert "fft_fft" not in analyze_channels(gm).unknown
     finally:
-        from graphopt.analysis import channels
-        del channels._RULES["torch.fft.fft"]
+        unregister_layer("torch.fft.fft")
 
 
 def test_docstring_examples():

@@ -10,7 +10,8 @@ import torch
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 MODULES = ["graphopt", "graphopt.api", "graphopt.capture", "graphopt.pass_registry", "graphopt.manager",
            "graphopt.analysis.graphview", "graphopt.models.reference", "graphopt.target_protocol",
-           "graphopt.batches", "graphopt.analysis.sharing"]
+           "graphopt.batches", "graphopt.analysis.sharing", "graphopt.errors", "graphopt.layer_registry",
+           "graphopt.arguments"]
 
 
 @pytest.mark.parametrize("name", MODULES)

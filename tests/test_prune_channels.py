@@ -17,19 +17,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import graphopt
 import zoo
 from requirements import needs_arm_toolchain
-from graphopt.passes.prune_channels import cut
+from graphopt.analysis.channels import cut
 
 #: ratio=0.5 must cut at least this fraction of MACs (issue 4)
 MIN_MAC_CUT = {"densenet": 0.30, "shufflenet": 0.25}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine can be 100x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prune(model, inputs, **options):

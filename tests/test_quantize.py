@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 import graphopt
 import zoo
 from requirements import needs_fashion_mnist
-from graphopt.passes.quant import QuantizedConv, QuantizedLinear, ops
+from graphopt.ops import int8 as ops
+from graphopt.passes.quant import QuantizedConv, QuantizedLinear
 from graphopt.passes.quant.observers import (
     CalibrationError, QParams, make_observer, qparams_from_range, quantize_weight,
 )
@@ -35,7 +36,7 @@ def q8_targets(gm):
     return [n.target for n in gm.graph.nodes if ops.is_graphopt_op(n.target)]
 
 
-@pytest.mark.parametrize("name", ["graphopt.passes.quantize", "graphopt.passes.quant.ops",
+@pytest.mark.parametrize("name", ["graphopt.passes.quantize", "graphopt.ops.int8",
                                   "graphopt.passes.quant.observers", "graphopt.passes.quant.modules"])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)

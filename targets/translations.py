@@ -11,13 +11,11 @@ is called as ``fn(node, importer, state)``, with the :class:`LoweringState` that
 hands the frontend): nothing is stored on TVM's importer, and nothing outlives the call.
 
 Example:
-    >>> @register_translation("doc_example_op.default")
-    ... def translate(node, importer):
-    ...     return importer.env[node.args[0]]
-    >>> "doc_example_op.default" in translations()
+    >>> from graphopt.targets import lowering  # registers graphopt's own translations
+    >>> "q8_conv.default" in translations() and "max_pool2d.default" in translations()
     True
-    >>> _TRANSLATIONS.pop("doc_example_op.default") is translate
-    True
+    >>> LoweringState()  # what one lower() call hands its stateful translations
+    LoweringState(blocked={}, quantized={})
 """
 from __future__ import annotations
 

@@ -401,6 +401,26 @@ def test_quantized_graph_survives_a_deepcopy_and_reexport():
     assert torch.equal(ep.module()(*inputs), gm(*inputs))
 
 
+@pytest.mark.parametrize("module", ["graphopt.ops.int8", "graphopt.passes.quantize"])
+def test_a_quantized_program_runs_in_a_fresh_process(tmp_path, module):
+    """The ops are the core's contract: importing it (or the pass) is enough to run a quantized
+    program, and neither pulls in TVM or the targets."""
+    import subprocess
+    import sys
+
+    model, inputs = zoo.build("conv1d")
+    gm = quantize_model(model, inputs).graph_module
+    torch.export.save(torch.export.export(gm, inputs), tmp_path / "q.pt2")
+    torch.save((inputs, gm(*inputs)), tmp_path / "io.pt")
+    code = (f"import sys, torch, {module}\n"
+            f"ep = torch.export.load({str(tmp_path / 'q.pt2')!r})\n"
+            f"inputs, want = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            "print(torch.equal(ep.module()(*inputs), want), 'tvm' in sys.modules, 'graphopt.targets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "False", "False"]
+
+
 # --- the bundled Fashion-MNIST model --------------------------------------------------------------
 
 def _fashion():

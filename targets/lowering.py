@@ -7,10 +7,16 @@ The import goes through ``torch.export`` and TVM's ``from_exported_program`` wit
 graphopt owns this step because the frontend does not cover everything graphopt emits
 (quantized ops have no translation at all, design.md). Two hooks extend it:
 
-* :func:`register_translation` maps an ATen/custom op name to a function building Relax for
-  it (TVM's ``custom_convert_map`` contract: ``fn(node, importer) -> relax.Var``);
+* :func:`register_translation` (:mod:`.translations`) maps an ATen/custom op name to a function
+  building Relax for it (TVM's ``custom_convert_map`` contract: ``fn(node, importer) -> relax.Var``);
 * :func:`register_relax_rewrite` adds an ``IRModule -> IRModule`` rewrite applied after
   import (e.g. turning ``dequantize -> conv2d -> quantize`` into an integer conv).
+
+graphopt's own translations are registered by this module, whatever else was imported, so a
+graph lowers the same in every process: the int8 ops' (:mod:`graphopt.targets.int8`), and the
+ATen ops' that keep int8 values in their blocked layout and fill in the max pooling arguments
+the frontend mishandles (:mod:`graphopt.targets.int8.blocked`; on float values they are the
+frontend's own).
 
 Example:
     >>> import torch
@@ -31,49 +37,27 @@ import numpy as np
 
 from graphopt.errors import InputShapeError, TargetError
 
-__all__ = ["LoweredModel", "TensorSpec", "lower", "register_relax_rewrite", "register_translation",
-           "translations", "relax_rewrites"]
+from .int8 import blocked, relax_lowering  # noqa: F401  (register graphopt's own translations)
+from .translations import LoweringState, add_unique, convert_map, register_translation, translations
+
+__all__ = ["LoweredModel", "LoweringState", "TensorSpec", "lower", "register_relax_rewrite",
+           "register_translation", "translations", "relax_rewrites"]
 
 log = logging.getLogger("graphopt.targets")
 
-_TRANSLATIONS: Dict[str, Callable] = {}
 _REWRITES: Dict[str, Callable] = {}
-
-
-def register_translation(op_name: str) -> Callable[[Callable], Callable]:
-    """Decorator: translate the exported op ``op_name`` (e.g. ``"my_qconv.default"``) to Relax.
-
-    The function receives ``(node, importer)`` and returns a Relax expression; use
-    ``importer.env[arg]`` for translated arguments and ``importer.block_builder.emit``.
-    A name registered twice by different functions is an error.
-    """
-    def deco(fn: Callable) -> Callable:
-        _add(_TRANSLATIONS, "translation", op_name, fn)
-        return fn
-    return deco
 
 
 def register_relax_rewrite(name: str) -> Callable[[Callable], Callable]:
     """Decorator: ``fn(mod: IRModule) -> IRModule``, applied after import in registration order."""
     def deco(fn: Callable) -> Callable:
-        _add(_REWRITES, "Relax rewrite", name, fn)
+        add_unique(_REWRITES, "Relax rewrite", name, fn)
         return fn
     return deco
 
 
-def translations() -> Dict[str, Callable]:
-    return dict(_TRANSLATIONS)
-
-
 def relax_rewrites() -> Dict[str, Callable]:
     return dict(_REWRITES)
-
-
-def _add(table: Dict[str, Callable], kind: str, name: str, fn: Callable) -> None:
-    old = table.get(name)
-    if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
-        raise ValueError(f"{kind} {name!r} is already registered by {old.__module__}.{old.__qualname__}")
-    table[name] = fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +159,14 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
             ep = torch.export.export(module, inputs)
     except Exception as e:  # torch.export raises many unrelated types
         raise TargetError(f"torch.export could not export the graph for lowering: {type(e).__name__}: {e}") from e
+    state = LoweringState()  # what graphopt's translations remember during this lowering only
     try:
         with warnings.catch_warnings():
             # torch 2.13 warns about its own pytree internals while the frontend copies the
             # exported program: nothing a user can act on, and once per lowering
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             mod = from_exported_program(ep, keep_params_as_input=True,
-                                        custom_convert_map=translations() or None)
+                                        custom_convert_map=convert_map(state) or None)
     except Exception as e:
         msg = str(e)
         hint = ("; add one with @graphopt.targets.lowering.register_translation('<op>')"

@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 import graphopt
 import zoo
 from requirements import needs_fashion_mnist
-from graphopt.passes.quant import QuantizedConv, QuantizedLinear, ops
+from graphopt.ops import int8 as ops
+from graphopt.passes.quant import QuantizedConv, QuantizedLinear
 from graphopt.passes.quant.observers import (
     CalibrationError, QParams, make_observer, qparams_from_range, quantize_weight,
 )
@@ -35,7 +36,7 @@ def q8_targets(gm):
     return [n.target for n in gm.graph.nodes if ops.is_graphopt_op(n.target)]
 
 
-@pytest.mark.parametrize("name", ["graphopt.passes.quantize", "graphopt.passes.quant.ops",
+@pytest.mark.parametrize("name", ["graphopt.passes.quantize", "graphopt.ops.int8",
                                   "graphopt.passes.quant.observers", "graphopt.passes.quant.modules"])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
@@ -398,6 +399,52 @@ def test_quantized_graph_survives_a_deepcopy_and_reexport():
     ops_in_export = {n.target.__name__ for n in ep.graph.nodes if n.op == "call_function" and ops.is_graphopt_op(n.target)}
     assert {"q8_quantize.default", "q8_conv.default", "q8_linear.default"} <= ops_in_export
     assert torch.equal(ep.module()(*inputs), gm(*inputs))
+
+
+def test_passes_import_neither_tvm_nor_the_targets():
+    """The int8 boundary: passes (quantize among them) stand on the core alone; the lowering of
+    their ops lives in graphopt.targets.int8 (every import statement, lazy ones too)."""
+    import ast
+    import importlib.util
+    import pathlib
+
+    import graphopt.passes
+
+    root = pathlib.Path(graphopt.passes.__path__[0])
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        package = ".".join(["graphopt.passes", *path.relative_to(root).parent.parts])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                         if node.level else node.module]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {n}" for n in names
+                      if n == "tvm" or n.startswith(("tvm.", "graphopt.targets"))]
+    assert not found
+
+
+@pytest.mark.parametrize("module", ["graphopt.ops.int8", "graphopt.passes.quantize"])
+def test_a_quantized_program_runs_in_a_fresh_process(tmp_path, module):
+    """The ops are the core's contract: importing it (or the pass) is enough to run a quantized
+    program, and neither pulls in TVM or the targets."""
+    import subprocess
+    import sys
+
+    model, inputs = zoo.build("conv1d")
+    gm = quantize_model(model, inputs).graph_module
+    torch.export.save(torch.export.export(gm, inputs), tmp_path / "q.pt2")
+    torch.save((inputs, gm(*inputs)), tmp_path / "io.pt")
+    code = (f"import sys, torch, {module}\n"
+            f"ep = torch.export.load({str(tmp_path / 'q.pt2')!r})\n"
+            f"inputs, want = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            "print(torch.equal(ep.module()(*inputs), want), 'tvm' in sys.modules, 'graphopt.targets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "False", "False"]
 
 
 # --- the bundled Fashion-MNIST model --------------------------------------------------------------

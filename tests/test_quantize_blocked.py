@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import graphopt
 import zoo
-from graphopt.passes.quant.kernels import pool_out_size
+from graphopt.targets.int8.kernels import pool_out_size
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

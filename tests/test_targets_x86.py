@@ -4,8 +4,11 @@ Every model here is really lowered to Relax, compiled with LLVM for this host's 
 through the Relax VM; outputs must match the torch graph within 1e-4 relative error
 (max abs diff / max abs of the reference).
 """
+import json
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,6 +215,102 @@ def test_weights_become_parameters_not_constants(x86):
     assert len(low.mod["main"].params) == len(low.inputs) + len(low.params)
 
 
+# In a fresh interpreter: compile a float graph before any pass is looked up, then again after
+# pass discovery imported every built-in pass (the quantize pass among them). The max pooling has
+# an omitted stride with padding, which the Relax frontend receives as stride [] and rejects.
+_FRESH_COMPILE = """
+import json, sys
+import torch, torch.nn as nn, torch.nn.functional as F
+import graphopt
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        y = F.max_pool2d(y, 3, padding=1)
+        y = torch.sigmoid(y) * y + y
+        return self.pool(torch.clamp(y - 0.5, min=0.0))
+
+torch.manual_seed(0)
+gm, x = torch.fx.symbolic_trace(Net().eval()), torch.randn(1, 3, 16, 16)
+target = graphopt.get_target("x86")
+before = "graphopt.passes.quantize" in sys.modules
+fresh = target.compile(gm, (x,))
+graphopt.list_passes()
+after = "graphopt.passes.quantize" in sys.modules
+discovered = target.compile(gm, (x,))
+error = float((fresh(x) - gm(x)).abs().max() / gm(x).abs().max())
+print(json.dumps({"imported": [before, after], "ir": [fresh.ir(), discovered.ir()], "error": error}))
+"""
+
+
+def test_a_float_graph_lowers_the_same_whatever_was_imported():
+    """graphopt's ATen translations (blocked-copy aware elementwise and pooling ops, the
+    omitted-stride max pooling fix) belong to the lowering, not to the quantize pass."""
+    out = subprocess.run([sys.executable, "-c", _FRESH_COMPILE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["imported"] == [False, True]  # the first compile really ran before discovery
+    fresh, discovered = result["ir"]
+    assert fresh == discovered
+    assert "max_pool2d" in fresh and result["error"] < 1e-4
+
+
+@torch.library.custom_op("graphopt_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.ops.graphopt_test.twice(self.fc(x))
+
+
+def test_stateful_translations_get_one_state_per_lowering(x86):
+    """``with_state=True``: ``fn(node, importer, state)`` with a fresh LoweringState per lower()
+    call (nothing kept on TVM's importer); a plain ``fn(node, importer)`` keeps TVM's contract."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    from graphopt.targets import lowering, translations
+
+    seen = []
+
+    def emit_twice(node, importer):
+        return importer.block_builder.emit(R.multiply(importer.env[node.args[0]], relax.const(2.0, "float32")))
+
+    def stateful(node, importer, state):
+        seen.append(state)
+        return emit_twice(node, importer)
+
+    gm, x = torch.fx.symbolic_trace(Twice().eval()), torch.randn(1, 4)
+    try:
+        lowering.register_translation("twice.default", with_state=True)(stateful)
+        x86.lower(gm, (x,))
+        x86.lower(gm, (x,))
+        assert len(seen) == 2 and all(isinstance(s, lowering.LoweringState) for s in seen)
+        assert seen[0] is not seen[1]
+        translations._TRANSLATIONS.pop("twice.default")
+        lowering.register_translation("twice.default")(emit_twice)  # TVM's contract, unchanged
+        assert torch.allclose(torch.as_tensor(x86.compile(gm, (x,))(x)), gm(x))
+    finally:
+        translations._TRANSLATIONS.pop("twice.default", None)
+        translations._WITH_STATE.pop("twice.default", None)
+
+
 def test_lowering_hooks(x86):
     from graphopt.targets import lowering
 
@@ -352,7 +451,7 @@ def test_emulated_latency_is_not_a_number(recwarn):
 
 
 @pytest.mark.parametrize("name", ["graphopt.targets", "graphopt.targets.target", "graphopt.targets.presets",
-                                  "graphopt.targets.hostcpu", "graphopt.targets.lowering",
+                                  "graphopt.targets.hostcpu", "graphopt.targets.lowering", "graphopt.targets.translations",
                                   "graphopt.targets.layouts", "graphopt.targets.tuning",
                                   "graphopt.targets.schedules"])
 def test_docstring_examples(name):

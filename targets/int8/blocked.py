@@ -22,15 +22,19 @@ The blocked copies' padding lanes (channels rounded up to 16) hold finite values
 meet zero weights.
 
 The elementwise and pooling translations replace the Relax frontend's for those ATen ops; on
-values without blocked copies (every float graph) they are the frontend's own translation.
+values without blocked copies (every float graph) they are the frontend's own translation, except
+that max pooling gets PyTorch's defaults filled in (the frontend fails on an omitted stride).
+:mod:`graphopt.targets.lowering` imports this module, so they apply to every lowering.
+
+The blocked copies are per lowering: they live in the :class:`~graphopt.targets.translations.LoweringState`
+that ``lower()`` hands every translation registered here (``with_state=True``).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Optional
 
-from graphopt.targets.lowering import register_translation
-
+from ..translations import LoweringState, register_translation
 from .kernels import emit_gather, max_pool_blocked, unblock
 
 __all__ = ["Blocked", "ELEMENTWISE", "blocked_of", "remember", "unblocked"]
@@ -52,37 +56,24 @@ class Blocked:
         return tuple(int(s) for s in self.var.ty.shape), str(self.var.ty.dtype), self.channels
 
 
-def _copies(importer) -> Dict[object, Blocked]:
-    """Per lowering: NC(H)W Relax value -> its blocked copy."""
-    if not hasattr(importer, "_graphopt_blocked"):
-        importer._graphopt_blocked = {}
-    return importer._graphopt_blocked
-
-
-def blocked_of(importer, value) -> Optional[Blocked]:
+def blocked_of(state: LoweringState, value) -> Optional[Blocked]:
+    """The blocked copy of the NC(H)W Relax ``value`` in this lowering, if it has one."""
     try:
-        return _copies(importer).get(value)
+        return state.blocked.get(value)
     except TypeError:  # not a Relax value (the frontend keeps some arguments as Python lists)
         return None
 
 
-def remember(importer, value, blocked, channels: int) -> None:
-    _copies(importer)[value] = Blocked(blocked, channels)
+def remember(state: LoweringState, value, blocked, channels: int) -> None:
+    state.blocked[value] = Blocked(blocked, channels)
 
 
-def unblocked(importer, blocked, channels: int):
+def unblocked(bb, state: LoweringState, blocked, channels: int):
     """The NC(H)W value of ``blocked`` (an unblocking copy, dead code when no op reads it),
     with ``blocked`` remembered as its copy."""
-    out = emit_gather(importer.block_builder, "unblock", unblock, [blocked], channels)
-    remember(importer, out, blocked, channels)
+    out = emit_gather(bb, "unblock", unblock, [blocked], channels)
+    remember(state, out, blocked, channels)
     return out
-
-
-def _frontend(importer, op_name: str) -> Callable:
-    """The Relax frontend's own translation of ``op_name`` (which graphopt's registration shadows)."""
-    if not hasattr(importer, "_graphopt_frontend_map"):
-        importer._graphopt_frontend_map = importer.create_convert_map()
-    return importer._graphopt_frontend_map[op_name]
 
 
 def _tensor_args(node):
@@ -94,10 +85,10 @@ def _tensor_args(node):
 
 
 def _elementwise(op_name: str):
-    def translate(node, importer):
-        frontend = _frontend(importer, op_name)
+    def translate(node, importer, state: LoweringState):
+        frontend = state.frontend(importer, op_name)
         args = _tensor_args(node)
-        copies = [blocked_of(importer, importer.env.get(a)) for a in args]
+        copies = [blocked_of(state, importer.env.get(a)) for a in args]
         if not args or not all(copies) or len({c.key() for c in copies}) != 1:
             return frontend(node)
         saved = {a: importer.env[a] for a in args}
@@ -106,14 +97,14 @@ def _elementwise(op_name: str):
             blocked = frontend(node)
         finally:
             importer.env.update(saved)
-        return unblocked(importer, blocked, copies[0].channels)
+        return unblocked(importer.block_builder, state, blocked, copies[0].channels)
 
     translate.__qualname__ = f"elementwise[{op_name}]"
     return translate
 
 
 for _name in ELEMENTWISE:
-    register_translation(_name)(_elementwise(_name))
+    register_translation(_name, with_state=True)(_elementwise(_name))
 
 
 def _pair(v, dims: int, default):
@@ -128,7 +119,7 @@ def _pair(v, dims: int, default):
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
 
 
-def _max_pool(node, importer):
+def _max_pool(node, importer, state: LoweringState):
     """Max pooling: of the input's blocked copy when it has one (then unblocked), else the
     frontend's NCHW pooling with PyTorch's defaults filled in (the frontend passes an omitted
     stride on as ``[]``, which Relax rejects)."""
@@ -136,21 +127,22 @@ def _max_pool(node, importer):
     x, kernel, stride, padding, dilation, ceil_mode = (args.get(k) for k in _POOL_ARGS)
     kernel = _pair(kernel, 2, 1)
     stride, padding, dilation = _pair(stride, 2, kernel), _pair(padding, 2, 0), _pair(dilation, 2, 1)
-    copy = blocked_of(importer, importer.env[x])
+    copy = blocked_of(state, importer.env[x])
     if copy is None:
         return importer._max_pool2d_impl(importer.env[x], kernel, stride, padding, dilation, bool(ceil_mode))
-    pooled = emit_gather(importer.block_builder, "max_pool_blocked", max_pool_blocked, [copy.var], kernel,
+    bb = importer.block_builder
+    pooled = emit_gather(bb, "max_pool_blocked", max_pool_blocked, [copy.var], kernel,
                          stride, padding, dilation, bool(ceil_mode), vector_tail=2)
-    return unblocked(importer, pooled, copy.channels)
+    return unblocked(bb, state, pooled, copy.channels)
 
 
-@register_translation("max_pool2d.default")
-def translate_max_pool2d(node, importer):
-    return _max_pool(node, importer)
+@register_translation("max_pool2d.default", with_state=True)
+def translate_max_pool2d(node, importer, state: LoweringState):
+    return _max_pool(node, importer, state)
 
 
-@register_translation("max_pool2d_with_indices.default")
-def translate_max_pool2d_with_indices(node, importer):
+@register_translation("max_pool2d_with_indices.default", with_state=True)
+def translate_max_pool2d_with_indices(node, importer, state: LoweringState):
     """What ``torch.export`` turns every max pooling into (its ``getitem(0)`` follows).
 
     Returned as an un-emitted tuple, so ``getitem`` hands on the pooled variable itself (the
@@ -161,46 +153,47 @@ def translate_max_pool2d_with_indices(node, importer):
     from tvm import relax
     from tvm.relax import op as R
 
-    out = _max_pool(node, importer)
+    out = _max_pool(node, importer, state)
     return relax.Tuple([out, importer.block_builder.emit(R.zeros_like(out))])
 
 
-def _spatial_mean(node, importer, dims, keepdim: bool):
+def _spatial_mean(node, importer, state: LoweringState, dims, keepdim: bool):
     """The mean over all spatial axes of the input's blocked copy (global average pooling),
     unblocked; None when the input has no blocked copy or ``dims`` are not its spatial axes."""
     from tvm.relax import op as R
 
     x = importer.env[node.args[0]]
-    copy = blocked_of(importer, x)
+    copy = blocked_of(state, x)
     ndim = len(x.ty.shape)
     if copy is None or ndim < 3 or not isinstance(dims, (list, tuple)):
         return None
     if sorted(d % ndim for d in dims) != list(range(2, ndim)):
         return None
-    pooled = importer.block_builder.emit(R.mean(copy.var, axis=list(range(1, ndim - 1)), keepdims=keepdim))
-    return unblocked(importer, pooled, copy.channels)
+    bb = importer.block_builder
+    pooled = bb.emit(R.mean(copy.var, axis=list(range(1, ndim - 1)), keepdims=keepdim))
+    return unblocked(bb, state, pooled, copy.channels)
 
 
-@register_translation("mean.dim")
-def translate_mean(node, importer):
+@register_translation("mean.dim", with_state=True)
+def translate_mean(node, importer, state: LoweringState):
     args = dict(zip(("input", "dim", "keepdim"), node.args), **node.kwargs)
     out = None
     if args.get("dtype") is None:
-        out = _spatial_mean(node, importer, args.get("dim"), bool(args.get("keepdim", False)))
-    return out if out is not None else _frontend(importer, "mean.dim")(node)
+        out = _spatial_mean(node, importer, state, args.get("dim"), bool(args.get("keepdim", False)))
+    return out if out is not None else state.frontend(importer, "mean.dim")(node)
 
 
 def _adaptive_avg_pool2d(op_name: str):
-    def translate(node, importer):
+    def translate(node, importer, state: LoweringState):
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         out = None
         if size is not None and list(_pair(size, 2, 1)) == [1, 1]:
-            out = _spatial_mean(node, importer, [2, 3], True)
-        return out if out is not None else _frontend(importer, op_name)(node)
+            out = _spatial_mean(node, importer, state, [2, 3], True)
+        return out if out is not None else state.frontend(importer, op_name)(node)
 
     translate.__qualname__ = f"adaptive_avg_pool2d[{op_name}]"
     return translate
 
 
 for _name in ("adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default"):
-    register_translation(_name)(_adaptive_avg_pool2d(_name))
+    register_translation(_name, with_state=True)(_adaptive_avg_pool2d(_name))

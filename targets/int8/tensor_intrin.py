@@ -14,7 +14,7 @@ this once per process before tuning and building is enough. The Relax translatio
 quantized ops call it, so any lowering of a quantized graph has it in place.
 
 Example:
-    >>> from graphopt.passes.quant.tensor_intrin import fix_vnni_intrinsic
+    >>> from graphopt.targets.int8.tensor_intrin import fix_vnni_intrinsic
     >>> fix_vnni_intrinsic()  # doctest: +SKIP
     True
 """
@@ -67,12 +67,9 @@ def fix_vnni_intrinsic() -> bool:
 
     from tvm.s_tir import TensorIntrin
 
-    try:  # the CPU intrinsics only: importing the whole package pulls in CUDA's (slow)
-        from graphopt.targets.measure import load_cpu_intrinsics
+    from ..measure import load_cpu_intrinsics
 
-        load_cpu_intrinsics()
-    except ImportError:
-        pass
+    load_cpu_intrinsics()  # the CPU intrinsics only: importing the whole package pulls in CUDA's (slow)
     # TVM's own registration must come first: a later plain register() of the name would fail
     x86 = importlib.import_module("tvm.s_tir.tensor_intrin.x86")
 

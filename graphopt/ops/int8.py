@@ -1,4 +1,10 @@
-"""graphopt's quantized operators: ``torch.library`` custom ops with exact integer reference kernels.
+"""graphopt's int8 operators: ``torch.library`` custom ops with exact integer reference kernels.
+
+This is the int8 contract between the ``quantize`` pass, which writes these ops into the graph
+(``graphopt.passes.quant``), and the targets, which translate them to integer Relax
+(``graphopt.targets.int8``): both import it, neither imports the other. Importing this module
+registers the ops, so a quantized GraphModule runs in any process that imported it (or
+``graphopt.passes.quantize``, or the lowering).
 
 Every quantized tensor in a graph that the ``quantize`` pass produced is a real ``torch.uint8``
 or ``torch.int8`` tensor, and every quantized op is one of these five custom ops, so
@@ -34,7 +40,7 @@ z, lo, hi, dtype)``            requantized as above with the scalar ``m``
 
 Example:
     >>> import torch
-    >>> from graphopt.passes.quant import ops
+    >>> from graphopt.ops import int8
     >>> x = torch.tensor([-1.0, 0.0, 0.26, 10.0])
     >>> q = torch.ops.graphopt.q8_quantize(x, 0.02, 128, 0, 255, torch.uint8)
     >>> q.tolist()
@@ -50,12 +56,13 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DTYPE_RANGE", "NAMESPACE", "OP_NAMES", "is_graphopt_op", "qrange"]
+__all__ = ["DTYPE_RANGE", "NAMESPACE", "OPS", "OP_NAMES", "conv_params", "is_graphopt_op", "qrange"]
 
 NAMESPACE = "graphopt"
+#: The ops, by their names in ``torch.ops.graphopt`` (the one list of them).
+OPS = ("q8_quantize", "q8_dequantize", "q8_conv", "q8_linear", "q8_matmul")
 #: ``node.target.__name__`` of each op as ``torch.export`` shows it (the Relax translation keys).
-OP_NAMES = ("q8_quantize.default", "q8_dequantize.default", "q8_conv.default", "q8_linear.default",
-            "q8_matmul.default")
+OP_NAMES = tuple(f"{op}.default" for op in OPS)
 #: value range of each quantized dtype
 DTYPE_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 _EXACT_F32 = 2 ** 24  # every integer of smaller magnitude is exact in float32
@@ -102,6 +109,13 @@ def _requantize(acc: torch.Tensor, multiplier: torch.Tensor, out_zp: int, lo: fl
     return torch.clamp(torch.round(f) + float(out_zp), lo, hi).to(out_dtype)
 
 
+def _custom_op(name: str):
+    """``torch.library.custom_op`` for the contract's op ``name`` (one of :data:`OPS`)."""
+    if name not in OPS:
+        raise ValueError(f"{name!r} is not one of graphopt's int8 ops {OPS}")
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())
+
+
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-output-channel vector shaped to broadcast over ``(N, C, *spatial)``."""
     return t.reshape(1, -1, *([1] * (ndim - 2)))
@@ -109,7 +123,7 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 # --- quantize / dequantize -------------------------------------------------------------------
 
-@torch.library.custom_op("graphopt::q8_quantize", mutates_args=())
+@_custom_op("q8_quantize")
 def q8_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """float32 -> uint8/int8: ``clip(round(x / scale) + zero_point, qmin, qmax)``."""
@@ -122,7 +136,7 @@ def _(x, scale, zero_point, qmin, qmax, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
-@torch.library.custom_op("graphopt::q8_dequantize", mutates_args=())
+@_custom_op("q8_dequantize")
 def q8_dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """uint8/int8 -> float32: ``(q - zero_point) * scale``."""
     _check_quantized(q, "q8_dequantize's input")
@@ -140,7 +154,7 @@ def _conv_out_len(n: int, k: int, s: int, p: int, d: int) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-@torch.library.custom_op("graphopt::q8_conv", mutates_args=())
+@_custom_op("q8_conv")
 def q8_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, multiplier: torch.Tensor,
             x_zp: int, out_zp: int, lo: float, hi: float, out_dtype: torch.dtype,
             stride: List[int], padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
@@ -165,7 +179,7 @@ def _(x, weight, bias, multiplier, x_zp, out_zp, lo, hi, out_dtype, stride, padd
 
 # --- linear -----------------------------------------------------------------------------------
 
-@torch.library.custom_op("graphopt::q8_linear", mutates_args=())
+@_custom_op("q8_linear")
 def q8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, multiplier: torch.Tensor,
               x_zp: int, out_zp: int, lo: float, hi: float, out_dtype: torch.dtype) -> torch.Tensor:
     """Integer ``x @ weight.T`` over the last axis, int32 bias, requantized per output feature."""
@@ -185,7 +199,7 @@ def _(x, weight, bias, multiplier, x_zp, out_zp, lo, hi, out_dtype):
 
 # --- matmul of two activations -----------------------------------------------------------------
 
-@torch.library.custom_op("graphopt::q8_matmul", mutates_args=())
+@_custom_op("q8_matmul")
 def q8_matmul(a: torch.Tensor, b: torch.Tensor, a_zp: int, b_zp: int, multiplier: float, out_zp: int,
               lo: float, hi: float, out_dtype: torch.dtype) -> torch.Tensor:
     """Integer ``(a - a_zp) @ (b - b_zp)`` (torch.matmul broadcasting), requantized per tensor."""

@@ -1,7 +1,8 @@
 """Relax translations of graphopt's quantized ops: real integer compute, no float emulation.
 
-Registered with :func:`graphopt.targets.lowering.register_translation`, so ``Target.lower`` turns
-each ``torch.ops.graphopt.q8_*`` node of the exported program into:
+Registered with :func:`graphopt.targets.translations.register_translation` when
+:mod:`graphopt.targets.lowering` is imported, so ``Target.lower`` turns each
+``torch.ops.graphopt.q8_*`` node of the exported program (the ops of :mod:`graphopt.ops.int8`) into:
 
 ``q8_conv`` (groups = 1), ``q8_linear``
     the input in the conv layout (padded with the zero point; a copy only when needed) ->
@@ -24,22 +25,26 @@ and the simulated one agree bit for bit. TVM's FuseOps puts the epilogue into th
 
 Integer activations are padded with their zero point explicitly (a real 0 is the level ``x_zp``);
 the conv itself then pads nothing, and ``x_zp * sum(w)`` removes the offset.
+
+Each translation is ``fn(bb, state, *operands)``: the node's arguments in the op's schema order,
+tensors as their Relax values, with the lowering's block builder and
+:class:`~graphopt.targets.translations.LoweringState` (see :func:`_translates`).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-from graphopt.targets.lowering import register_translation
+import torch.fx as fx
 
+from graphopt.ops.int8 import NAMESPACE, OP_NAMES
+
+from ..translations import LoweringState, register_translation
 from .blocked import blocked_of, unblocked
 from .kernels import LANES, RED, ceil_to, conv_input, conv_packed, emit_gather, pack_weight
-from .ops import NAMESPACE
 from .tensor_intrin import fix_vnni_intrinsic
 
-__all__ = ["TRANSLATED"]
-
-TRANSLATED = ("q8_quantize.default", "q8_dequantize.default", "q8_conv.default", "q8_linear.default",
-              "q8_matmul.default")
+__all__ = ["packed_conv", "requantize"]
 
 
 def _dtype(torch_dtype) -> str:
@@ -51,6 +56,25 @@ def _check(node) -> None:
         raise ValueError(f"{node.target} is not graphopt's op of that name (namespace "
                          f"{getattr(node.target, 'namespace', '?')!r}): the translation registered for "
                          f"{node.target.__name__!r} handles torch.ops.{NAMESPACE}.* only")
+
+
+def _translates(op_name: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn(bb, state, *operands)`` as the translation of graphopt's op
+    ``op_name`` (one of :data:`graphopt.ops.int8.OP_NAMES`). The node is checked to be
+    graphopt's op, and its tensor arguments arrive as their Relax values."""
+    if op_name not in OP_NAMES:
+        raise ValueError(f"{op_name!r} is not one of graphopt's int8 ops {OP_NAMES}")
+
+    def deco(fn: Callable) -> Callable:
+        def translate(node, importer, state: LoweringState):
+            _check(node)
+            operands = [importer.env[a] if isinstance(a, fx.Node) else a for a in node.args]
+            return fn(importer.block_builder, state, *operands)
+
+        translate.__qualname__ = f"{fn.__qualname__}[{op_name}]"
+        register_translation(op_name, with_state=True)(translate)
+        return fn
+    return deco
 
 
 def _f32(value: float):
@@ -93,44 +117,36 @@ def _shape(expr):
     return [int(s) for s in expr.ty.shape]
 
 
-def _affine(importer, node, emit) -> object:
-    """``emit(value)`` on the input's blocked copy when it has one (see :mod:`.blocked`), else on it."""
-    x = importer.env[node.args[0]]
-    copy = blocked_of(importer, x)
+def _affine(bb, state: LoweringState, x, emit) -> object:
+    """``emit(value)`` on ``x``'s blocked copy when it has one (see :mod:`.blocked`), else on ``x``."""
+    copy = blocked_of(state, x)
     if copy is None:
         return emit(x)
-    return unblocked(importer, emit(copy.var), copy.channels)
+    return unblocked(bb, state, emit(copy.var), copy.channels)
 
 
-@register_translation("q8_quantize.default")
-def translate_quantize(node, importer):
+@_translates("q8_quantize.default")
+def translate_quantize(bb, state: LoweringState, x, scale, zp, qmin, qmax, dtype):
     from tvm.relax import op as R
-
-    _check(node)
-    x, scale, zp, qmin, qmax, dtype = node.args
-    bb = importer.block_builder
 
     def emit(v):
         r = R.add(R.round(R.divide(v, _f32(scale))), _f32(zp))
         return bb.emit(R.astype(R.clip(r, float(qmin), float(qmax)), _dtype(dtype)))
 
-    out = _affine(importer, node, emit)
-    _quantized_source(importer)[out] = (importer.env[x], (scale, zp, qmin, qmax, _dtype(dtype)))
+    out = _affine(bb, state, x, emit)
+    state.quantized[out] = (x, (scale, zp, qmin, qmax, _dtype(dtype)))
     return out
 
 
-@register_translation("q8_dequantize.default")
-def translate_dequantize(node, importer):
+@_translates("q8_dequantize.default")
+def translate_dequantize(bb, state: LoweringState, q, scale, zp):
     from tvm.relax import op as R
-
-    _check(node)
-    _, scale, zp = node.args
 
     def emit(v):
         centered = R.subtract(R.astype(v, "int32"), _i32(zp))
-        return importer.block_builder.emit(R.multiply(R.astype(centered, "float32"), _f32(scale)))
+        return bb.emit(R.multiply(R.astype(centered, "float32"), _f32(scale)))
 
-    return _affine(importer, node, emit)
+    return _affine(bb, state, q, emit)
 
 
 def _weight_correction(bb, weight, bias, x_zp: int, reduce_axes):
@@ -167,46 +183,36 @@ def packed_conv(bb, data, weight, bias, multiplier, x_zp: int, out_zp: int, lo, 
     return requantize(bb, acc, _lane_blocks(bb, multiplier, o), out_zp, lo, hi, out_dtype)
 
 
-def _conv_input(bb, importer, data, padding, x_zp: int):
+def _conv_input(bb, state: LoweringState, data, padding, x_zp: int):
     """``data`` in the conv layout ``(N, *padded, C/4, 4)``: its blocked copy as it lies when no
     padding is needed, else one pre-scheduled copy (quantizing a float input on the way)."""
     from tvm.relax import op as R
 
-    copy = blocked_of(importer, data)
+    copy = blocked_of(state, data)
     if copy is not None:
         shape = _shape(copy.var)
         if not any(padding):  # (N, *spatial, C/16, 16) is (N, *spatial, C/4, 4) in memory
             return bb.emit(R.reshape(copy.var, [*shape[:-2], shape[-2] * LANES // RED, RED]))
         return emit_gather(bb, "pad_blocked", conv_input, [copy.var], padding, x_zp, copy.channels,
                            vector_tail=2)
-    quantized = _quantized_source(importer).get(data)
+    quantized = state.quantized.get(data)
     if quantized is not None:  # quantize the float input while laying it out (the quantize goes dead)
         source, quant = quantized
         return emit_gather(bb, "quantize_pad", conv_input, [source], padding, x_zp, 0, quant)
     return emit_gather(bb, "pad", conv_input, [data], padding, x_zp)
 
 
-def _quantized_source(importer):
-    """Per lowering: quantized NCHW tensor -> (the float tensor, its quantization)."""
-    if not hasattr(importer, "_graphopt_quantized"):
-        importer._graphopt_quantized = {}
-    return importer._graphopt_quantized
-
-
-@register_translation("q8_conv.default")
-def translate_conv(node, importer):
+@_translates("q8_conv.default")
+def translate_conv(bb, state: LoweringState, data, weight, bias, mult, x_zp, out_zp, lo, hi, out_dtype,
+                   stride, padding, dilation, groups):
     from tvm.relax import op as R
 
-    _check(node)
-    x, w, b, m, x_zp, out_zp, lo, hi, out_dtype, stride, padding, dilation, groups = node.args
-    bb, env = importer.block_builder, importer.env
-    data, weight = env[x], env[w]
     ndim = len(_shape(weight))
     dims = ndim - 2
     if groups == 1:  # direct int8 conv on packed weights: the form dot-product instructions tensorize
-        cols = _conv_input(bb, importer, data, padding, x_zp)
-        y = packed_conv(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype), stride, dilation)
-        return unblocked(importer, y, _shape(weight)[0])
+        cols = _conv_input(bb, state, data, padding, x_zp)
+        y = packed_conv(bb, cols, weight, bias, mult, x_zp, out_zp, lo, hi, _dtype(out_dtype), stride, dilation)
+        return unblocked(bb, state, y, _shape(weight)[0])
     # grouped / depthwise: a direct integer convolution (too little reduction per group to pack)
     if x_zp != 0 and any(padding):
         pad_width = [0, 0, 0, 0]
@@ -217,45 +223,37 @@ def translate_conv(node, importer):
     conv = R.nn.conv2d if dims == 2 else R.nn.conv1d
     acc = bb.emit(conv(data, weight, strides=stride, padding=padding, dilation=dilation, groups=groups,
                        out_dtype="int32"))
-    corr = _weight_correction(bb, weight, env[b], x_zp, list(range(1, ndim)))
+    corr = _weight_correction(bb, weight, bias, x_zp, list(range(1, ndim)))
     acc = bb.emit(R.add(acc, _channel_vector(bb, corr, ndim)))
-    return requantize(bb, acc, _channel_vector(bb, env[m], ndim), out_zp, lo, hi, _dtype(out_dtype))
+    return requantize(bb, acc, _channel_vector(bb, mult, ndim), out_zp, lo, hi, _dtype(out_dtype))
 
 
-@register_translation("q8_linear.default")
-def translate_linear(node, importer):
+@_translates("q8_linear.default")
+def translate_linear(bb, state: LoweringState, data, weight, bias, mult, x_zp, out_zp, lo, hi, out_dtype):
     from tvm.relax import op as R
 
-    _check(node)
-    x, w, b, m, x_zp, out_zp, lo, hi, out_dtype = node.args
-    bb, env = importer.block_builder, importer.env
-    data, weight = env[x], env[w]
     lead, k = _shape(data)[:-1], _shape(data)[-1]
     rows = data if len(lead) == 1 else bb.emit(R.reshape(data, [-1, k]))
-    if k % RED == 0 and blocked_of(importer, rows) is None:  # (M, K) is (M, K/4, 4) in memory
+    if k % RED == 0 and blocked_of(state, rows) is None:  # (M, K) is (M, K/4, 4) in memory
         cols = bb.emit(R.reshape(rows, [-1, k // RED, RED]))
     else:  # a previous linear's blocked output as it lies, or K grouped by 4 with zero-point padding
-        cols = _conv_input(bb, importer, rows, [], x_zp)
-    y = packed_conv(bb, cols, weight, env[b], env[m], x_zp, out_zp, lo, hi, _dtype(out_dtype))
-    y = unblocked(importer, y, _shape(weight)[0])  # (M, O)
+        cols = _conv_input(bb, state, rows, [], x_zp)
+    y = packed_conv(bb, cols, weight, bias, mult, x_zp, out_zp, lo, hi, _dtype(out_dtype))
+    y = unblocked(bb, state, y, _shape(weight)[0])  # (M, O)
     return bb.emit(R.reshape(y, [*lead, _shape(weight)[0]]))
 
 
-@register_translation("q8_matmul.default")
-def translate_matmul(node, importer):
+@_translates("q8_matmul.default")
+def translate_matmul(bb, state: LoweringState, a, b, a_zp, b_zp, mult, out_zp, lo, hi, out_dtype):
     from tvm.relax import op as R
 
-    _check(node)
-    a, b, a_zp, b_zp, mult, out_zp, lo, hi, out_dtype = node.args
-    bb, env = importer.block_builder, importer.env
-    av, bv = env[a], env[b]
-    k = _shape(av)[-1]
-    acc = bb.emit(R.matmul(av, bv, out_dtype="int32"))
+    k = _shape(a)[-1]
+    acc = bb.emit(R.matmul(a, b, out_dtype="int32"))
     if b_zp != 0:  # - b_zp * sum_k a[..., m, k]
-        rows = R.sum(R.astype(av, "int32"), axis=[-1], keepdims=True)
+        rows = R.sum(R.astype(a, "int32"), axis=[-1], keepdims=True)
         acc = bb.emit(R.subtract(acc, R.multiply(rows, _i32(b_zp))))
     if a_zp != 0:  # - a_zp * sum_k b[..., k, n]
-        cols = R.sum(R.astype(bv, "int32"), axis=[-2], keepdims=True)
+        cols = R.sum(R.astype(b, "int32"), axis=[-2], keepdims=True)
         acc = bb.emit(R.subtract(acc, R.multiply(cols, _i32(a_zp))))
     if a_zp != 0 and b_zp != 0:
         acc = bb.emit(R.add(acc, _i32(k * a_zp * b_zp)))

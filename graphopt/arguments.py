@@ -111,7 +111,7 @@ def check_tune_trials(tune_trials: Any, has_target: bool) -> None:
     if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
         raise InvalidArgumentError(
             f"tune_trials must be a non-negative int (0: default schedules) or None, got {tune_trials!r}")
-    if not has_target:
+    if tune_trials > 0 and not has_target:
         warnings.warn(f"tune_trials={tune_trials} has no effect without a target: pass target='x86' (or "
                       "another, see `graphopt targets`) to compile and tune", UserWarning, stacklevel=3)
 

@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.fx as fx

@@ -31,8 +31,7 @@ Example:
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx

@@ -40,7 +40,7 @@ import numpy as np
 
 from graphopt.errors import TargetError
 
-from .processes import die_with_parent, kill_group
+from .processes import kill_group
 from .arm_sysroot import (
     PYTHON_RELPATH, RUNTIME_EXTRA_RELPATH, SITE_PACKAGES_RELPATH, ensure_sysroot,
     require_cross_compiler, require_qemu,

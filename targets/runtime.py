@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 

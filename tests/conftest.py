@@ -1,9 +1,16 @@
-"""Shared fixtures: the test zoo, a fixed torch thread count, a private graphopt cache."""
+"""Shared fixtures: the test zoo, a fixed torch thread count, a report to look at.
+
+Tests live in folders that mirror the layers: core/ (graphopt without passes' internals or
+TVM), passes/, targets/ (TVM on this host), integration/ (qemu, RPC, datasets, a browser, a
+fresh venv, optional model libraries).
+"""
 import os
 import sys
 
 import pytest
 import torch
+
+import graphopt
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import zoo`
 
@@ -27,6 +34,14 @@ def zoo_model(request):
     """(name, model, example_inputs) for every zoo architecture."""
     model, inputs = zoo.build(request.param)
     return request.param, model, inputs
+
+
+@pytest.fixture(scope="session")
+def residual_report():
+    """The zoo's residual net through fuse_conv_bn and dce, with accuracy: a report with every field."""
+    model, inputs = zoo.build("residual")
+    return graphopt.optimize(model, ["fuse_conv_bn", "dce"], example_inputs=inputs,
+                             eval_fn=lambda m: float(m(*inputs).argmax() == 3))
 
 
 def pytest_collection_modifyitems(config, items):

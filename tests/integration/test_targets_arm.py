@@ -105,7 +105,7 @@ def test_every_zoo_model_on_arm(sysroot, name):
 
 @pytest.fixture(scope="module")
 def farm(sysroot):
-    from graphopt.targets.rpc import LoopbackDeviceFarm
+    from graphopt.targets.testing import LoopbackDeviceFarm
 
     with LoopbackDeviceFarm(cpu="cortex-a72", sysroot=sysroot) as farm:
         yield farm

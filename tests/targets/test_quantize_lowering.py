@@ -240,7 +240,7 @@ def test_int8_convs_are_offered_to_the_cores_dot_product(target_name, dtype, int
 @needs_arm_toolchain
 @pytest.mark.slow
 def test_tuned_arm_int8_uses_sdot(tmp_path):
-    from graphopt.targets.rpc import LoopbackDeviceFarm
+    from graphopt.targets.testing import LoopbackDeviceFarm
 
     model, inputs = _two_convs()
     base = graphopt.get_target("arm-a55")

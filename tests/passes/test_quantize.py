@@ -401,32 +401,6 @@ def test_quantized_graph_survives_a_deepcopy_and_reexport():
     assert torch.equal(ep.module()(*inputs), gm(*inputs))
 
 
-def test_passes_import_neither_tvm_nor_the_targets():
-    """The int8 boundary: passes (quantize among them) stand on the core alone; the lowering of
-    their ops lives in graphopt.targets.int8 (every import statement, lazy ones too)."""
-    import ast
-    import importlib.util
-    import pathlib
-
-    import graphopt.passes
-
-    root = pathlib.Path(graphopt.passes.__path__[0])
-    found = []
-    for path in sorted(root.rglob("*.py")):
-        package = ".".join(["graphopt.passes", *path.relative_to(root).parent.parts])
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)
-                         if node.level else node.module]
-            else:
-                continue
-            found += [f"{path.name}:{node.lineno} {n}" for n in names
-                      if n == "tvm" or n.startswith(("tvm.", "graphopt.targets"))]
-    assert not found
-
-
 @pytest.mark.parametrize("module", ["graphopt.ops.int8", "graphopt.passes.quantize"])
 def test_a_quantized_program_runs_in_a_fresh_process(tmp_path, module):
     """The ops are the core's contract: importing it (or the pass) is enough to run a quantized

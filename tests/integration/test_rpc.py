@@ -14,9 +14,8 @@ from graphopt.errors import TargetError
 from graphopt.targets.arm_sysroot import ensure_sysroot
 from graphopt.targets.qemu import cross_compile_library
 from test_arm_emulation import TwoConvs  # the same tiny model: two convs and a tuple output
-from graphopt.targets.rpc import (
-    LoopbackDeviceFarm, RpcRunner, connect, make_ms_builder, make_ms_runner, parse_address,
-)
+from graphopt.targets.rpc import RpcRunner, connect, make_ms_builder, make_ms_runner, parse_address
+from graphopt.targets.testing import LoopbackDeviceFarm
 
 A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
        "num-cores": 2}

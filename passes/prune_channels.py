@@ -321,7 +321,6 @@ def _width(m: nn.Module) -> int:
 def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_macs, importance,
                    round_to, min_channels, ignore):
     """Cut the least important channels of every prunable channel group."""
-    validate_options(gm, ctx, ratio=ratio, target_macs=target_macs, importance=importance, ignore=ignore)
     if ratio is None and target_macs is None:
         ratio = DEFAULT_RATIO
     if round_to is None:
@@ -332,7 +331,11 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     macs_before = graphopt.count_macs(gm)
     params_before = graphopt.count_params(gm)
     before_widths = {name: _width(m) for name, m in gm.named_modules() if isinstance(m, _PRUNABLE_LAYERS)}
-    analysis = analyze_channels(gm, frozen_modules={n: f"in ignore ({n})" for n in ignore})
+    frozen = {n: f"in ignore ({n})" for n in ignore}
+    for module, why in graphopt.shared_weights(gm).items():  # cutting one use would untie the others
+        if module and module not in frozen:
+            frozen[module] = f"{why}: cutting it would change every use"
+    analysis = analyze_channels(gm, frozen_modules=frozen)
     groups = analysis.prunable_groups()
     scores, notes = group_importance(gm, ctx, groups, importance)
     order = {g.id: np.argsort(scores[g.id], kind="stable") for g in groups}  # least important first

@@ -332,7 +332,8 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     params_before = graphopt.count_params(gm)
     before_widths = {name: _width(m) for name, m in gm.named_modules() if isinstance(m, _PRUNABLE_LAYERS)}
     frozen = {n: f"in ignore ({n})" for n in ignore}
-    for module, why in graphopt.shared_weights(gm).items():  # cutting one use would untie the others
+    # tied tensors: cutting one module's copy would untie it (a module called twice is one space)
+    for module, why in graphopt.shared_weights(gm, calls=False).items():
         if module and module not in frozen:
             frozen[module] = f"{why}: cutting it would change every use"
     analysis = analyze_channels(gm, frozen_modules=frozen)

@@ -56,6 +56,7 @@ class PassResult:
     accuracy_before: Optional[float] = None
     accuracy_after: Optional[float] = None
     messages: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
     exception: Optional[BaseException] = None
 
 
@@ -233,14 +234,15 @@ class PassManager:
 
     def _run_one(self, step, current, current_out, original_out, accuracy, ctx) -> Tuple[PassResult, Any]:
         spec = step.spec
-        ctx.messages = []
+        ctx.messages, ctx.warnings = [], []
         if not spec.exact and ctx.reference is None:
             ctx.reference = copy.deepcopy(current)  # the teacher: a copy, so nothing can change `current`
             self._read_only.append(_ReadOnly(ctx, "reference"))
         for inst in self.instruments:
             inst.run_before_pass(step, current, ctx)
         result = PassResult(step, FAILED, current, current, accuracy_before=accuracy,
-                            accuracy_after=accuracy, messages=ctx.messages)
+                            accuracy_after=accuracy, messages=ctx.messages,
+                            warnings=ctx.warnings)
         candidate = copy.deepcopy(current)
         t0 = time.perf_counter()
         try:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import ChannelAnalysis, ChannelGroup, Option, analyze_channels, node_macs, propagate_shapes
 from graphopt.analysis.channels import cut
+from graphopt.analysis.channels.blockers import blockers
 from graphopt.errors import did_you_mean
 from graphopt.numerics import flat_outputs
 from graphopt.report.text import human
@@ -359,6 +360,7 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
             for k in g.spaces:
                 removed.setdefault(k, []).append(g.index[k][c])
     removed_idx = {k: np.unique(np.concatenate(v)) for k, v in removed.items()}
+    locked = blockers(analysis)[:3]  # weighed on the graph before the cut
     cut(gm, analysis, removed_idx, ctx.example_inputs)
 
     ctx.note(f"{len(groups)} prunable channel groups ({how}, {importance} importance, round_to={round_to}, "
@@ -394,4 +396,15 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     ctx.note(f"MACs {human(macs_before)} -> {human(macs_after)} ({100 * (1 - macs_after / max(macs_before, 1)):.1f}% cut), "
              f"params {human(params_before)} -> {human(params_after)} "
              f"({100 * (1 - params_after / max(params_before, 1)):.1f}% cut)")
+    asked = ratio if ratio is not None else 1 - min(budget / max(macs_before, 1), 1.0)
+    _warn_if_short(ctx, locked, asked, 1 - macs_after / max(macs_before, 1), how)
     return gm
+
+
+def _warn_if_short(ctx, top, asked: float, achieved: float, how: str) -> None:
+    """Say so, at warning level, when the cut is under half of what was asked, naming the
+    blockers that lock the most MACs (``top``) and what would unblock them."""
+    if asked <= 0 or achieved >= asked / 2:
+        return
+    ctx.warn(f"cut {achieved:.1%} of the MACs where {how} asks for about {asked:.0%}: most channels are "
+             "locked. " + (" | ".join(f"{b.describe()}" for b in top) if top else "no channel group is prunable"))

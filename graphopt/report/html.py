@@ -13,6 +13,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafaf
 h1{font-size:20px}h2{font-size:16px;margin:0}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 th{background:#f0f0f0}.applied{color:#17622b}.rolled-back,.failed{color:#a11}.no-op,.skipped{color:#777}
+.warning{color:#8a4b00;font-weight:bold}
 details{background:#fff;border:1px solid #ddd;border-radius:6px;margin:12px 0;padding:8px 12px}
 summary{cursor:pointer}pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px}
 .add{color:#17622b}.del{color:#a11}.graphs{display:flex;gap:24px;overflow:auto}
@@ -99,6 +100,7 @@ def _pass_section(i: int, r: PassRecord) -> str:
     ]
     rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in metrics)
     msgs = "".join(f"<li>{html.escape(m)}</li>" for m in r.messages)
+    warns = "".join(f'<li class="warning">{html.escape(w)}</li>' for w in r.warnings)
     graphs = "" if r.status == "skipped" else (
         '<div class="graphs">'
         f"<figure><figcaption>before</figcaption>{render_graph(r.graph_before, before_marks, 'before ' + r.name)}</figure>"
@@ -108,6 +110,7 @@ def _pass_section(i: int, r: PassRecord) -> str:
             f'<summary><h2 style="display:inline">[{i}] {html.escape(r.name)} '
             f'<span class="{cls}">{html.escape(r.status)}</span></h2></summary>'
             f"<table>{rows}</table>"
+            + (f'<h3 class="warning">warnings</h3><ul>{warns}</ul>' if warns else "")
             + (f"<h3>messages</h3><ul>{msgs}</ul>" if msgs else "")
             + (f"<h3>code diff</h3>{_diff_html(r.code_diff)}" if r.code_diff else "")
             + '<h3>graph</h3><p class="legend"><span style="background:#c8f0cf">added</span>'
@@ -115,11 +118,15 @@ def _pass_section(i: int, r: PassRecord) -> str:
             + graphs + "</details>")
 
 
+_WARNED = ' <span class="warning" title="see its warnings">(!)</span>'
+
+
 def render_html(report: Report) -> str:
     o, f = report.original, report.final
     summary_rows = "".join(
         f'<tr><td><a href="#pass-{i}">{i}</a></td><td>{html.escape(r.name)}</td>'
-        f'<td class="{r.status.replace(" ", "-")}">{html.escape(r.status)}</td><td>{r.seconds:.2f}s</td>'
+        f'<td class="{r.status.replace(" ", "-")}">{html.escape(r.status)}'
+        f'{_WARNED if r.warnings else ""}</td><td>{r.seconds:.2f}s</td>'
         f"<td>+{len(r.nodes_added)} / -{len(r.nodes_removed)} / ~{len(r.nodes_changed)}</td>"
         f"<td>{change(r.params_before, r.params_after)}</td><td>{change(r.macs_before, r.macs_after)}</td>"
         f"<td>{change(r.bytes_before, r.bytes_after, 'B')}</td>"

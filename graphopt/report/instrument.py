@@ -90,6 +90,7 @@ class ReportInstrument(PassInstrument):
             latency_ms_before=b["latency"],
             latency_ms_after=a["latency"],
             messages=list(result.messages),
+            warnings=list(result.warnings),
             code_diff=code_diff(result.before, shown, result.step.spec.name),
             graph_before=b["snapshot"],
             graph_after=a["snapshot"],

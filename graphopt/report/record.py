@@ -7,7 +7,7 @@ import math
 import platform
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: records carry warnings
 
 
 @dataclasses.dataclass
@@ -59,6 +59,7 @@ class PassRecord:
     latency_ms_before: Optional[float]
     latency_ms_after: Optional[float]
     messages: List[str]
+    warnings: List[str]
     code_diff: str
     graph_before: GraphSnapshot
     graph_after: GraphSnapshot

@@ -48,7 +48,7 @@ def render_text(report: Report, diffs: bool = False) -> str:
              "rel err", "accuracy", "latency"]]
     for i, r in enumerate(report.records, 1):
         rows.append([
-            str(i), r.name, r.status, f"{r.seconds:.2f}s",
+            str(i), r.name, r.status + (" (!)" if r.warnings else ""), f"{r.seconds:.2f}s",
             f"+{len(r.nodes_added)}/-{len(r.nodes_removed)}/~{len(r.nodes_changed)}",
             change(r.params_before, r.params_after), change(r.macs_before, r.macs_after),
             change(r.bytes_before, r.bytes_after, "B"),
@@ -58,7 +58,8 @@ def render_text(report: Report, diffs: bool = False) -> str:
         ])
     lines = [head, ""] + _table(rows)
     for i, r in enumerate(report.records, 1):
-        notes = ([f"rolled back: {r.reason}"] if r.status in ("rolled back", "failed") else []) + r.messages
+        notes = ([f"rolled back: {r.reason}"] if r.status in ("rolled back", "failed") else []) \
+            + [f"WARNING: {w}" for w in r.warnings] + r.messages
         if r.status == "skipped":
             notes = [r.reason]
         if notes or (diffs and r.code_diff):

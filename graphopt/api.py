@@ -114,6 +114,8 @@ def optimize(
     check_model(model)
     pipeline = check_passes(DEFAULT_PASSES if passes is None else passes)
     tgt = get_target(target) if target is not None else None
+    if callable(getattr(tgt, "check", None)):
+        tgt.check()  # a missing toolchain or an unknown CPU: said now, not after the passes
     check_tune_trials(tune_trials, tgt is not None)
     exact_tolerance = check_positive("exact_tolerance", exact_tolerance)
     eval_fn = check_eval_fn(eval_fn)

@@ -129,6 +129,16 @@ class _ReadOnly:
         return True
 
 
+def _evaluate_original(eval_fn, gm: fx.GraphModule):
+    """eval_fn on the model before any pass: an error here is the caller's, named as such."""
+    try:
+        return eval_fn(gm)
+    except Exception as e:
+        raise InvalidArgumentError(f"eval_fn raised on the original model, before any pass ran: "
+                                   f"{type(e).__name__}: {e}; it must take the model and return a "
+                                   "number (it gets a torch.fx.GraphModule, called like the model)") from e
+
+
 class PassManager:
     """Validate, order and run a list of passes.
 
@@ -195,7 +205,7 @@ class PassManager:
         self._read_only = [_ReadOnly(ctx, "original")]
         original_out = run(ctx.original, ctx.example_inputs)
         current, current_out = gm, run(gm, ctx.example_inputs)
-        accuracy = check_eval_result(ctx.eval_fn(current)) if ctx.eval_fn else None
+        accuracy = check_eval_result(_evaluate_original(ctx.eval_fn, current)) if ctx.eval_fn else None
         for inst in self.instruments:
             inst.enter_pipeline(gm, ctx)
         stopped_by: Optional[str] = None

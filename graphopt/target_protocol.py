@@ -19,6 +19,9 @@ capability                  default     used by
 ``measure_latency(gm,       absent      per-pass latency in reports, ``separable_conv``'s
 example_inputs) -> ms``                 per-layer timing; absent: nothing is timed
 ``emulated`` (bool)         ``False``   timings under emulation mean nothing: not taken
+``check()``                 absent      ``optimize`` calls it before any work: a target that
+                                        cannot compile here (a missing toolchain, an unknown
+                                        CPU) raises then, not after the passes
 =========================== =========== ======================================================
 
 Example:

@@ -209,6 +209,12 @@ class Target:
                 raise TargetError(f"target {self.name!r} needs {tool}, which is not installed. "
                                   f"Install it with: apt-get install {package}")
 
+    def check(self) -> None:
+        """Before any work: the tools this target needs are installed and LLVM knows its CPU
+        (the target protocol's ``check``; ``optimize`` calls it before capturing the model)."""
+        self.check_toolchain()
+        self.tvm  # noqa: B018  (raises for an mcpu LLVM does not know)
+
     def describe(self) -> str:
         """One line for listings: what it is and where it runs."""
         where = ("rpc " + self.rpc if self.rpc else f"tracker {self.tracker} key {self.key}"

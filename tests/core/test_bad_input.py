@@ -275,3 +275,18 @@ def test_shared_weights_stay_shared_or_the_layer_is_refused_with_the_reason(pass
     if passes[0][0] == "prune_channels":
         assert gm.get_submodule("a").weight.shape == (8, 8, 3, 3)
         assert "tied weights): cutting it would change every use" in " ".join(rec.messages), rec.messages
+
+
+def test_an_eval_fn_that_raises_on_the_original_is_the_callers_error():
+    def broken(model):
+        raise KeyError("labels")
+
+    with pytest.raises(InvalidArgumentError, match=r"eval_fn raised on the original model, before any pass ran: KeyError"):
+        graphopt.optimize(Counted().eval(), ["fuse_conv_bn"], example_inputs=X, progress=False, eval_fn=broken)
+
+
+def test_a_target_that_cannot_compile_here_is_refused_before_work():
+    bad = graphopt.get_target("arm").replace(name="arm-no-toolchain", cross_compiler="aarch64-no-such-g++")
+    refused_before_work(graphopt.TargetError, r"needs aarch64-no-such-g\+\+, which is not installed", target=bad)
+    unknown_cpu = graphopt.get_target("x86").replace(name="x86-imaginary", tvm_target={"kind": "llvm", "mcpu": "pentium9"})
+    refused_before_work(graphopt.TargetError, r"LLVM does not know mcpu 'pentium9'", target=unknown_cpu)

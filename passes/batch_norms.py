@@ -181,10 +181,10 @@ def remove_norm(gm: fx.GraphModule, norm: Norm, replacement: fx.Node) -> None:
     for a in stat_nodes:
         if not a.users:
             gm.graph.erase_node(a)
-    _retire(gm, norm)
+    retire(gm, norm)
 
 
-def _retire(gm: fx.GraphModule, norm: Norm) -> None:
+def retire(gm: fx.GraphModule, norm: Norm) -> None:
     """Drop statistics the graph no longer reads, so that parameter counts stay honest; a
     BatchNorm module whose children are still called (timm's act, drop) becomes their container."""
     reads = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -198,6 +198,34 @@ def _retire(gm: fx.GraphModule, norm: Norm) -> None:
         parent, _, attr = s.rpartition(".")
         if s not in reads and not any(parent == c or parent.startswith(c + ".") for c in calls):
             delattr(gm.get_submodule(parent), attr)
+
+
+# --- nodes that pass their input through ---------------------------------------------------------
+
+def passes_through(m: nn.Module) -> bool:
+    """Identity, or dropout in eval mode (timm's ``drop`` and an ``act`` that is off)."""
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training)
+
+
+def is_pass_through(gm: fx.GraphModule, n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_module" and passes_through(gm.get_submodule(n.target))
+
+
+def behind(gm: fx.GraphModule, n: fx.Node) -> Tuple[fx.Node, list]:
+    """The first node behind ``n`` that computes something, and the pass-through nodes on the
+    way, each used only by the next."""
+    chain = []
+    while len(n.users) == 1 and is_pass_through(gm, n):
+        chain.append(n)
+        n = n.args[0]
+    return n, chain
+
+
+def source(gm: fx.GraphModule, n):
+    """The node whose value ``n`` has, looking through pass-through nodes."""
+    while is_pass_through(gm, n):
+        n = n.args[0]
+    return n
 
 
 # --- shape queries and the shape assertions built on them ---------------------------------------

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import graphopt
 
-from .batch_norms import Norm, describe, drop_static_asserts, fold, read_norm, remove_norm, sharing, value_users
+from .batch_norms import Norm, behind, describe, drop_static_asserts, fold, read_norm, remove_norm, sharing, value_users
 
 #: Which layers fold into a batch norm over a tensor of each rank (the pattern list is data).
 FOLDABLE = {
@@ -27,7 +27,7 @@ FOLDABLE = {
 
 def why_not(gm: fx.GraphModule, norm: Norm, shared: Dict[str, str]) -> Optional[str]:
     """None if ``norm`` can be folded into its input, else the reason it cannot."""
-    src = norm.input
+    src, chain = behind(gm, norm.input) if isinstance(norm.input, fx.Node) else (norm.input, [])
     if not isinstance(src, fx.Node) or src.op != "call_module":
         what = describe(gm, src) if isinstance(src, fx.Node) else repr(src)
         return f"its input {what} is not a conv or linear module"
@@ -41,7 +41,7 @@ def why_not(gm: fx.GraphModule, norm: Norm, shared: Dict[str, str]) -> Optional[
     if not isinstance(layer, FOLDABLE.get(rank, ())):
         return f"its input {src.target} is a {type(layer).__name__}, not one of " \
                f"{', '.join(t.__name__ for t in FOLDABLE.get(rank, ()))}"
-    others = [u.name for u in value_users(src) if u is not norm.node]
+    others = [u.name for u in value_users(src) if u is not (chain[-1] if chain else norm.node)]
     if others:
         return f"the output of {src.target} is also used by {', '.join(others)}; folding would change that use"
     return shared.get(src.target) or sharing(gm, norm, shared)
@@ -67,10 +67,10 @@ def fuse_conv_bn(gm: fx.GraphModule, ctx: graphopt.PassContext) -> fx.GraphModul
             name = norm.name if isinstance(norm, Norm) else node.target if node.op == "call_module" else node.name
             ctx.note(f"{name} kept: {reason}")
             continue
-        src = norm.input
+        src, _ = behind(gm, norm.input)
         gm.add_submodule(src.target, fold(gm.get_submodule(src.target), norm.scale, norm.shift))
         asserts += drop_static_asserts(gm, src)
-        remove_norm(gm, norm, src)
+        remove_norm(gm, norm, norm.input)
         folded, functional, tails = folded + 1, functional + bool(norm.stats), tails + bool(norm.tail)
     gm.delete_all_unused_submodules()
     if functional or tails:

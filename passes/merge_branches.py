@@ -22,10 +22,12 @@ import torch.nn as nn
 import graphopt
 
 from .batch_norms import (
-    Norm, behind, drop_static_asserts, is_pass_through, is_shape_query, passes_through, read_norm, source, retire, value_users,
+    Norm, behind, drop_static_asserts, is_pass_through, is_shape_query, passes_through, read_norm, retire, source,
+    value_users,
 )
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: convs whose forward is the plain one (timm's Conv2dSame pads at run time: not centred)
+_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
 @dataclasses.dataclass
@@ -87,7 +89,7 @@ def _sum_terms(gm: fx.GraphModule, root: fx.Node):
 
 
 def _branch(gm: fx.GraphModule, operand: fx.Node, head: fx.Node, chain: List[fx.Node]) -> Branch:
-    norm = read_norm(gm, head) if len(head.users) == 1 else None
+    norm = read_norm(gm, head) if len(value_users(head)) == 1 else None
     if isinstance(norm, Norm) and all(passes_through(gm.get_submodule(t)) for t in norm.tail):
         inner = norm.input
         if _plain_conv(gm, inner) and value_users(inner) == [head]:
@@ -99,8 +101,8 @@ def _branch(gm: fx.GraphModule, operand: fx.Node, head: fx.Node, chain: List[fx.
 
 
 def _plain_conv(gm: fx.GraphModule, n) -> bool:
-    return (isinstance(n, fx.Node) and n.op == "call_module" and type(gm.get_submodule(n.target)).forward
-            in [c.forward for c in _CONVS] and len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], fx.Node))
+    return (isinstance(n, fx.Node) and n.op == "call_module" and len(n.args) == 1 and not n.kwargs
+            and type(gm.get_submodule(n.target)).forward in _CONV_FORWARDS)
 
 
 def _padding(conv: nn.Module) -> Optional[Tuple[int, ...]]:
@@ -116,19 +118,21 @@ def _own_problem(gm, b: Branch, shared: Dict[str, str]) -> Optional[str]:
     conv = gm.get_submodule(b.conv.target)
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r}"
+    if any(k % 2 == 0 for k in conv.kernel_size):
+        return f"its {b.label(gm)} kernel has no centre"
     centred = tuple((k - 1) // 2 * d for k, d in zip(conv.kernel_size, conv.dilation))
-    if any(k % 2 == 0 for k in conv.kernel_size) or _padding(conv) != centred:
-        return f"its {b.label(gm)} kernel is not centred (padding {_padding(conv)}, not {centred})"
+    if _padding(conv) != centred:
+        return f"its padding {_padding(conv)} does not centre its {b.label(gm)} kernel (needs {centred})"
     return shared.get(b.conv.target)
 
 
 def _mismatch(gm, b: Branch, ref: nn.Module) -> Optional[str]:
     """Why branch ``b`` cannot merge with the conv ``ref``."""
     if b.conv is None:
-        meta, out = b.input.meta.get("tensor_meta"), ref
+        meta = b.input.meta.get("tensor_meta")
         if ref.in_channels != ref.out_channels or any(s != 1 for s in ref.stride):
             return f"the convs have stride {tuple(ref.stride)} and {ref.in_channels} -> {ref.out_channels} channels"
-        if meta is None or len(meta.shape) != len(ref.kernel_size) + 2 or meta.shape[1] != out.out_channels:
+        if getattr(meta, "shape", None) is None or len(meta.shape) != len(ref.kernel_size) + 2:
             return "its shape is not the convs' output shape"
         return None
     conv = gm.get_submodule(b.conv.target)
@@ -174,7 +178,8 @@ def _block(root: fx.Node, names: List[Optional[str]]) -> str:
     prefix of the branches' module names."""
     stack = root.meta.get("nn_module_stack")
     if stack:
-        return list(stack.values())[-1][0]
+        where = list(stack.values())[-1]
+        return where[0] if isinstance(where, tuple) else str(where)
     parts = [n.split(".")[:-1] for n in names if n]
     common = [atoms[0] for atoms in zip(*parts) if len(set(atoms)) == 1] if parts else []
     return ".".join(common) or root.name

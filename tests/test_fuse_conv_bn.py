@@ -315,3 +315,18 @@ def test_property_random_conv_functional_bn(dims, transpose, groups, cout_per_gr
     assert opt.report.records[0].status == "applied"
     assert batch_norms_left(opt.graph_module) == []
     assert rel_error(opt(x), m(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["traced", "leaf"])
+@pytest.mark.parametrize("name", sorted(zoo.BRANCHY))
+def test_timm_like_zoo_leaves_no_batch_norm_after_a_conv(name, leaf):
+    model, inputs = zoo.build(name)
+    opt = graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=inputs,
+                            leaf_modules=[zoo.BatchNormAct2d] if leaf else ())
+    gm, rec = opt.graph_module, opt.report.records[0]
+    assert rec.status == "applied" and rec.rel_error <= 1e-4
+    left = [n for n in gm.graph.nodes if n.name in batch_norms_left(gm)]
+    assert left and all(n.args[0].op == "call_module" and isinstance(gm.get_submodule(n.args[0].target), nn.ReLU)
+                        for n in left)  # only the identity branches' BNs, on the previous block's ReLU
+    kept = [m for m in rec.messages if " kept: " in m]
+    assert len(kept) == len(left) and all("is a ReLU, not one of Conv2d" in m for m in kept)

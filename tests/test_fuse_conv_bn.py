@@ -237,10 +237,38 @@ def test_unfoldable_batch_norms_stay_with_their_reason(leaf):
     rec = opt.report.records[0]
     assert rec.status == "no-op", rec.messages
     text = "\n".join(rec.messages)
-    assert "is not a conv or linear module" in text and "(relu)" in text and "(cat)" in text
+    assert "is not a conv or linear module" in text and "(relu)" in text
+    assert "kept: the output of a is also used by relu, add" in text  # a part of its concat
     assert "after_add kept: its input add (add) is not a conv or linear module" in text
     assert "training=True (batch statistics)" in text
     assert len(batch_norms_left(opt.graph_module)) == 4
+
+
+class Mixed(nn.Module):
+    """MixNet's mixed kernels: convs of different sizes concatenated, then one BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 5, padding=2, bias=False)
+        self.c, self.bn = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Identity()), zoo.BatchNormAct2d(10)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.a(x), self.b(x), self.c(x)], dim=1))
+
+
+def test_bn_after_a_channel_concat_of_convs_folds_slice_by_slice():
+    m = zoo.randomize_bn(Mixed())
+    x = torch.randn(1, 4, 8, 8)
+    opt = graphopt.optimize(m, ["fuse_conv_bn"], example_inputs=(x,))
+    assert batch_norms_left(opt.graph_module) == [] and opt.report.records[0].rel_error <= 1e-4
+    assert rel_error(opt(x), m(x)) <= 1e-4
+
+
+def test_bn_after_a_concat_with_a_part_that_does_not_fold_is_explained():
+    model, inputs = zoo.build("densenet")
+    msgs = graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=inputs).report.records[0].messages
+    assert "block1.1.bn kept: its input cat (cat) joins a part that does not fold: stem.2 is a ReLU, " \
+           "not one of Conv2d, ConvTranspose2d" in msgs
 
 
 def test_functional_bn_with_shared_statistics_is_kept():

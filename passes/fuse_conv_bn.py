@@ -1,4 +1,5 @@
-"""Fold inference BatchNorm into the convolution or linear layer that feeds it.
+"""Fold inference BatchNorm into the convolution or linear layer that feeds it (or into each layer
+of a channel concat that feeds it).
 
 BN(conv(x)) = conv'(x) with W' = W * s and b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps),
 s taken per output channel. BatchNorm modules, ``F.batch_norm`` calls (timm's ``BatchNormAct2d``
@@ -41,7 +42,8 @@ def _cat_parts(src) -> Optional[List[fx.Node]]:
 def folds_into(gm: fx.GraphModule, norm: Norm) -> List[fx.Node]:
     """The layers ``norm`` folds into: the one before it, or each part of a channel concat."""
     src, _ = behind(gm, norm.input)
-    return [behind(gm, p)[0] for p in _cat_parts(src)] if _cat_parts(src) else [src]
+    parts = _cat_parts(src)
+    return [behind(gm, p)[0] for p in parts] if parts else [src]
 
 
 def _layer_problem(gm, src, user, rank: int, shared: Dict[str, str], role: str) -> Optional[str]:

@@ -76,6 +76,8 @@ def read_norm(gm: fx.GraphModule, node: fx.Node) -> Union[Norm, str, None]:
     if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BatchNorm):
         return None
     bn = gm.get_submodule(node.target)
+    if len(node.args) != 1 or node.kwargs:
+        return "it is not called on one positional input"
     if bn.training:
         return "it is in training mode (batch statistics)"
     if bn.running_mean is None or bn.running_var is None:
@@ -194,7 +196,7 @@ def retire(gm: fx.GraphModule, norm: Norm) -> None:
             not any(t.rpartition(".")[0] == norm.owner for t in reads):
         gm.add_submodule(norm.owner, nn.ModuleDict(dict(owner.named_children())))
         return
-    for s in norm.stats:
+    for s in dict.fromkeys(norm.stats):  # once each: one tensor may be both weight and bias
         parent, _, attr = s.rpartition(".")
         if s not in reads and not any(parent == c or parent.startswith(c + ".") for c in calls):
             delattr(gm.get_submodule(parent), attr)

@@ -212,6 +212,121 @@ class Conv1dNet(nn.Module):
         return self.fc(self.c3(x).mean(-1))
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d whose forward asserts the rank, calls F.batch_norm
+    and then its ``drop`` and ``act`` submodules (fx inlines it into get_attr + _assert + F.batch_norm)."""
+
+    def __init__(self, c, apply_act=True, act_layer=nn.ReLU):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = act_layer(inplace=True) if apply_act else nn.Identity()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, bn_training,
+                         self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class ConvNormAct(nn.Module):
+    """timm's ConvNormAct: ``conv`` then a BatchNormAct2d named ``bn``."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, apply_act=False):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False)
+        self.bn = BatchNormAct2d(cout, apply_act=apply_act)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class RepVggBlock(nn.Module):
+    """timm's RepVggBlock (training-time form): 3x3 conv+BN + 1x1 conv+BN + identity BN, summed."""
+
+    def __init__(self, cin, cout, stride=1, groups=1):
+        super().__init__()
+        use_ident = cin == cout and stride == 1
+        self.identity = BatchNormAct2d(cout, apply_act=False) if use_ident else None
+        self.conv_kxk = ConvNormAct(cin, cout, 3, stride, groups)
+        self.conv_1x1 = ConvNormAct(cin, cout, 1, stride, groups)
+        self.drop_path = nn.Identity()
+        self.attn = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        if self.identity is None:
+            x = self.conv_1x1(x) + self.conv_kxk(x)
+        else:
+            identity = self.identity(x)
+            x = self.conv_1x1(x) + self.conv_kxk(x)
+            x = self.drop_path(x)
+            x += identity
+        return self.act(self.attn(x))
+
+
+class RepVGGLike(nn.Module):
+    """RepVGG as timm builds it: RepVggBlocks (with a grouped stage) and a linear head."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = RepVggBlock(3, 16, stride=2)
+        self.stages = nn.Sequential(RepVggBlock(16, 16), RepVggBlock(16, 32, stride=2),
+                                    RepVggBlock(32, 32, groups=4), RepVggBlock(32, 32))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+
+class MobileOneBlock(nn.Module):
+    """timm's MobileOneBlock (training-time form): ``branches`` kxk conv+BN, a 1x1 scale branch
+    (conv+BN, or a plain biased conv), an identity BN, summed starting from 0 as timm does."""
+
+    def __init__(self, cin, cout, k=3, stride=1, groups=1, branches=3, scale_bn=True, attn=None):
+        super().__init__()
+        self.identity = BatchNormAct2d(cout, apply_act=False) if cin == cout and stride == 1 else None
+        self.conv_kxk = nn.ModuleList(ConvNormAct(cin, cout, k, stride, groups) for _ in range(branches))
+        self.conv_scale = None
+        if k > 1:
+            self.conv_scale = ConvNormAct(cin, cout, 1, stride, groups) if scale_bn else \
+                nn.Conv2d(cin, cout, 1, stride, groups=groups)
+        self.drop_path = nn.Identity()
+        self.attn = attn or nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity_out = 0
+        if self.identity is not None:
+            identity_out = self.identity(x)
+        scale_out = 0
+        if self.conv_scale is not None:
+            scale_out = self.conv_scale(x)
+        out = scale_out
+        for ck in self.conv_kxk:
+            out += ck(x)
+        out = self.drop_path(out)
+        out += identity_out
+        return self.act(self.attn(out))
+
+
+class MobileOneLike(nn.Module):
+    """MobileOne-S0-like: over-parameterized (k>1 branch) depthwise and pointwise blocks, one
+    scale branch without BN, one block gated by squeeze-excite."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = MobileOneBlock(3, 16, 3, stride=2, branches=1)
+        self.stages = nn.Sequential(
+            MobileOneBlock(16, 16, 3, groups=16), MobileOneBlock(16, 32, 1),
+            MobileOneBlock(32, 32, 3, stride=2, groups=32, scale_bn=False), MobileOneBlock(32, 32, 1),
+            MobileOneBlock(32, 32, 3, groups=32, branches=2, attn=SqueezeExcite(32)))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters, as a trained model would have."""
     g = torch.Generator().manual_seed(seed)
@@ -237,10 +352,17 @@ ZOO: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
     "conv1d": (Conv1dNet, (1, 4, 64)),
 }
 
+#: Re-parameterizable multi-branch models, timm-style (functional BatchNorm, shape asserts). Not in
+#: ZOO yet: the channel analysis has no rule for F.batch_norm / torch._assert (issue 12).
+BRANCHY: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
+    "repvgg": (RepVGGLike, (1, 3, 32, 32)),
+    "mobileone": (MobileOneLike, (1, 3, 32, 32)),
+}
+
 
 def build(name: str, seed: int = 0) -> Tuple[nn.Module, Tuple[torch.Tensor, ...]]:
     """A zoo model with random weights and BN statistics, and an example input, both seeded."""
-    factory, shape = ZOO[name]
+    factory, shape = {**ZOO, **BRANCHY}[name]
     torch.manual_seed(seed)
     model = randomize_bn(factory(), seed)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1))

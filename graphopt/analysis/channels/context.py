@@ -93,7 +93,8 @@ class RuleContext:
         """
         got = self.channels_of(x)
         if isinstance(got, Chain):
-            raise Unsupported(f"its input `{x.name}` has its channels spread over several dims")
+            raise Unsupported(f"its input `{x.name}` has its channels spread over several dims (an "
+                              "attention-style regrouping the analysis does not follow through this op)")
         return got if isinstance(got, Space) else None
 
     def input_or_opaque(self, x: Any) -> Optional[Space]:

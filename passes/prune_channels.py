@@ -386,6 +386,8 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
             ctx.note(f"{g.describe()}: left alone: {g.reason}")
     for node, why in analysis.unknown.items():
         ctx.note(f"`{node}` not understood, its channels are left alone: {why}")
+    for n in analysis.notes:  # what the cut rewrote besides the layers (shape asserts)
+        ctx.note(n)
     widths = []
     for name, m in gm.named_modules():
         if name in before_widths and before_widths[name] != _width(m):

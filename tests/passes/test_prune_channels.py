@@ -89,6 +89,28 @@ def test_zoo_cutting_equals_zeroing_the_consumers(zoo_model):
     assert_sound(graphopt.capture(model, inputs), inputs)
 
 
+@pytest.mark.parametrize("name", sorted(zoo.TIMM_PATTERNS))
+def test_timm_patterns_ratio_03_cut_at_least_15_percent_and_keep_shapes(name):
+    """Issue 12's bar for timm's models, on their patterns."""
+    model, inputs = zoo.build(name)
+    opt = prune(model, inputs, ratio=0.3)
+    rec = opt.report["prune_channels"]
+    assert 1 - rec.macs_after / rec.macs_before >= 0.15, rec.messages
+    with torch.no_grad():
+        assert opt(*inputs).shape == model(*inputs).shape and torch.isfinite(opt(*inputs)).all()
+
+
+#: per-channel patterns: cutting equals zeroing (norms over several channels and ECA's window
+#: mix channels, so for "norms" and "gates" pruning is an approximation by design)
+EXACT_PATTERNS = ["csp_dpn", "ghost_rex", "mixnet", "mobilenetv3", "split_attn"]
+
+
+@pytest.mark.parametrize("name", EXACT_PATTERNS)
+def test_timm_patterns_cutting_equals_zeroing_the_consumers(name):
+    model, inputs = zoo.build(name)
+    assert_sound(graphopt.capture(model, inputs), inputs)
+
+
 def test_keeps_multiples_of_round_to_and_min_channels():
     model, x = zoo.build("residual")
     opt = prune(model, x, ratio=0.7, round_to=4, min_channels=8)

@@ -231,13 +231,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(x))
 
 
-class ConvNormAct(nn.Module):
-    """timm's ConvNormAct: ``conv`` then a BatchNormAct2d named ``bn``."""
-
-    def __init__(self, cin, cout, k, stride=1, groups=1, apply_act=False):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False)
-        self.bn = BatchNormAct2d(cout, apply_act=apply_act)
 class ConvBnAct(nn.Module):
     """timm's ConvNormAct with an activation: conv, then a BatchNormAct2d."""
 
@@ -248,6 +241,13 @@ class ConvBnAct(nn.Module):
 
     def forward(self, x):
         return self.bn(self.conv(x))
+
+
+class ConvNormAct(ConvBnAct):
+    """timm's ConvNormAct as RepVGG's branches use it: ``conv`` then a BatchNormAct2d ``bn``, no act."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, apply_act=False):
+        super().__init__(cin, cout, k, stride, groups, apply_act=apply_act)
 
 
 class RepVggBlock(nn.Module):

@@ -6,7 +6,7 @@ import html
 from typing import Dict, List, Set
 
 from .record import GraphSnapshot, PassRecord, Report
-from .text import _acc, change, human
+from .text import _acc, change, human, latency_change
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
@@ -96,7 +96,9 @@ def _pass_section(i: int, r: PassRecord) -> str:
         ("error vs original", "-" if r.rel_error_vs_original is None
          else f"max abs {r.max_abs_error_vs_original:.3g}, relative {r.rel_error_vs_original:.3g}"),
         ("accuracy", _acc(r.accuracy_before, r.accuracy_after)),
-        ("latency", change(r.latency_ms_before, r.latency_ms_after, "ms")),
+        ("latency", latency_change(r.latency_ms_before, r.latency_ms_after, r.latency_spread_ms_before,
+                                   r.latency_spread_ms_after)
+         + ("" if r.latency_spread_ms_after is None else f", noise band {human(r.latency_spread_ms_after, 'ms')}")),
     ]
     rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in metrics)
     msgs = "".join(f"<li>{html.escape(m)}</li>" for m in r.messages)
@@ -131,13 +133,15 @@ def render_html(report: Report) -> str:
         f"<td>{change(r.params_before, r.params_after)}</td><td>{change(r.macs_before, r.macs_after)}</td>"
         f"<td>{change(r.bytes_before, r.bytes_after, 'B')}</td>"
         f"<td>{'-' if r.rel_error is None else f'{r.rel_error:.2g}'}</td>"
-        f"<td>{_acc(r.accuracy_before, r.accuracy_after)}</td></tr>"
+        f"<td>{_acc(r.accuracy_before, r.accuracy_after)}</td>"
+        f"<td>{html.escape(latency_change(r.latency_ms_before, r.latency_ms_after, r.latency_spread_ms_before, r.latency_spread_ms_after))}</td></tr>"
         for i, r in enumerate(report.records, 1))
     final = "" if f is None else (
         f"<p>final: {change(o.params, f.params)} params, {change(o.macs, f.macs)} MACs, "
         f"{change(o.bytes, f.bytes, 'B')}" + (f", accuracy {f.accuracy:.4f}" if f.accuracy is not None else "") + "</p>")
     compiled = "" if not report.compile else "<p>compiled: " + html.escape(
         ", ".join(f"{k}={v}" for k, v in report.compile.items() if not isinstance(v, (dict, list)))) + "</p>"
+    schedules = "" if not report.latency_schedules else f"<p>latency: {html.escape(report.latency_schedules)}</p>"
     env = ", ".join(f"{k} {v}" for k, v in report.environment.items())
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -147,8 +151,8 @@ def render_html(report: Report) -> str:
         f"<p>original: {human(o.params)} params, {human(o.macs)} MACs, {human(o.bytes, 'B')}"
         + (f", accuracy {o.accuracy:.4f}" if o.accuracy is not None else "") + "</p>"
         "<table id='summary'><tr><th>#</th><th>pass</th><th>status</th><th>time</th><th>nodes +/-/~</th>"
-        "<th>params</th><th>MACs</th><th>size</th><th>rel err</th><th>accuracy</th></tr>"
-        f"{summary_rows}</table>{final}{compiled}"
+        "<th>params</th><th>MACs</th><th>size</th><th>rel err</th><th>accuracy</th><th>latency</th></tr>"
+        f"{summary_rows}</table>{schedules}{final}{compiled}"
         + "".join(_pass_section(i, r) for i, r in enumerate(report.records, 1))
         + f"<footer><p style='color:#888'>{html.escape(env)}</p></footer></body></html>"
     )

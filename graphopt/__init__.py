@@ -7,6 +7,7 @@ Example:
     >>> opt.report["fuse_conv_bn"].nodes_removed
     ['_1']
 """
+from . import sparsity
 from .analysis.channels import ChannelAnalysis, ChannelGroup, analyze_channels, register_channel_rule
 from .analysis.graphview import to_networkx
 from .analysis.metrics import count_macs, count_params, model_bytes, node_macs, register_macs

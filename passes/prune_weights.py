@@ -345,6 +345,11 @@ def _report(ctx, gm, layers: Dict[str, nn.Module], dense: Dict[str, str], s: Set
         ctx.note(f"{name} {tuple(w.shape)}: {z / w.numel():.1%} zeros ({z} of {w.numel()})")
     for name, why in dense.items():
         ctx.note(f"{name} {tuple(gm.get_submodule(name).weight.shape)}: kept dense: {why}")
+    emptied = [n for n, m in layers.items() if bool((m.weight == 0).float().mean() >= 0.99)]
+    if emptied and s.sparsity is not None and s.scope == "global":
+        ctx.warn(f"the global threshold left {', '.join(emptied)} with 99% or more of their weights at zero "
+                 "(their weights are small next to the other layers'): scope='layer' prunes every layer "
+                 "to the same sparsity")
     if not layers:
         ctx.warn("no layer was pruned: " + ("; ".join(f"{n}: {w}" for n, w in dense.items()) or
                                             "the model has no Conv1d/Conv2d/Linear module"))

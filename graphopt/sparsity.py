@@ -40,8 +40,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["MASK", "PATTERN", "SparsityPattern", "apply_masks", "copy_mask", "mask_of", "mask_tensors",
-           "masked_layers", "pattern_of", "set_mask"]
+__all__ = ["MASK", "PATTERN", "SparsityPattern", "apply_masks", "copy_mask", "count_masked", "mask_of",
+           "mask_tensors", "masked_layers", "pattern_of", "set_mask"]
 
 #: Name of the boolean buffer holding a layer's mask (True: kept).
 MASK = "weight_mask"
@@ -115,6 +115,16 @@ def mask_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
         mask = mask_of(m)
         if mask is not None:
             yield mask
+
+
+def count_masked(model: nn.Module) -> int:
+    """Weights held at zero by masks (the report's "nonzero" is the parameters minus these)."""
+    seen, total = set(), 0
+    for mask in mask_tensors(model):
+        if id(mask) not in seen:
+            seen.add(id(mask))
+            total += int((~mask).sum())
+    return total
 
 
 def apply_masks(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ import math
 import platform
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = "1.1"  # 1.1: records carry warnings
+SCHEMA_VERSION = "1.2"  # 1.1: records carry warnings; 1.2: masked parameters (weight pruning)
 
 
 @dataclasses.dataclass
@@ -25,6 +25,7 @@ class ModelSummary:
     nodes: int
     accuracy: Optional[float] = None
     latency_ms: Optional[float] = None
+    params_masked: int = 0  # of params, held at zero by weight masks (graphopt.sparsity)
 
 
 @dataclasses.dataclass
@@ -32,6 +33,8 @@ class PassRecord:
     """What one pass did. Errors are relative to the graph before the pass and to the original.
 
     ``rel_error`` is max|after - before| / max|before| over the outputs on the example inputs.
+    ``params_masked_*`` count the parameters held at zero by weight masks (``graphopt.sparsity``):
+    ``params - params_masked`` are the nonzeros a compressed format would store.
     """
 
     name: str
@@ -46,6 +49,8 @@ class PassRecord:
     nodes_rewired: List[str]
     params_before: int
     params_after: int
+    params_masked_before: int
+    params_masked_after: int
     macs_before: int
     macs_after: int
     bytes_before: int

@@ -88,7 +88,7 @@ class Settings:
 
     def describe(self) -> str:
         if self.n_m is not None:
-            how = f"{self.n_m[0]}:{self.n_m[1]} (n_m)"
+            return f"{self.n_m[0]}:{self.n_m[1]} (n_m): the {self.n_m[0]} largest of every {self.n_m[1]} input channels kept"
         elif self.alpha is not None:
             how = f"|w| < {self.alpha:g} * max|w| per layer (alpha)"
         else:

@@ -314,3 +314,13 @@ def test_zoo_model_through_the_pipeline_and_an_x86_compile_matches():
         ref = opt.graph_module(*inputs)
         out = opt(*inputs)
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_docs_example_runs(capsys):
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "prune_weights.md")
+    code, = re.findall(r"```python\n(.*?)```", open(path).read(), re.S)
+    exec(compile(code, "prune_weights.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == re.search(r"# (\[.*\])", code).group(1)

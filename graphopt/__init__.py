@@ -24,7 +24,7 @@ from .errors import (
 )
 from .layer_registry import register_layer
 from .manager import PassInstrument, PassManager, PassResult
-from .pass_registry import Option, PassSpec, get_pass, list_passes, register_pass
+from .pass_registry import Option, PassSpec, check_module_names, get_pass, list_passes, register_pass
 from .report.record import PassRecord, Report
 from .registry import exported
 from .target_protocol import TargetCapabilities, TargetProtocol, capabilities_of

@@ -54,7 +54,6 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import Option
-from graphopt.errors import did_you_mean
 from graphopt.numerics import flat_outputs
 from graphopt.report.text import human
 from graphopt.sparsity import SparsityPattern, apply_masks, mask_of, set_mask
@@ -206,14 +205,7 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, *, ignore=()
                      prune_last=False, include_depthwise=False, min_params=0, **options) -> None:
     """Before any pass runs: option clashes, unknown ``ignore`` names, blocks that do not fit."""
     s = settings(ctx, **options)
-    modules = dict(gm.named_modules())
-    for name in ignore:
-        if name not in modules:
-            layers = [k for k, v in modules.items() if isinstance(v, _LAYERS)]
-            raise graphopt.PassOptionError(
-                f"prune_weights: ignore names {name!r}, which is not a module of this model."
-                + did_you_mean(name, modules) + f" Its conv/linear layers: {', '.join(layers[:20])}"
-                + (" ..." if len(layers) > 20 else ""))
+    graphopt.check_module_names(gm, ignore, "prune_weights: ignore", _LAYERS)
     if s.schedule == "gradual" and ctx.calibration_data:
         graphopt.check_batches(ctx.calibration_data, ctx.example_inputs, "prune_weights: recovery")
     check_layers(select_layers(gm, prune_first, prune_last, include_depthwise, min_params, ignore)[0], s)

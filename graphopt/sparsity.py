@@ -76,7 +76,8 @@ def pattern_of(module: nn.Module) -> Optional[SparsityPattern]:
 
 def set_mask(module: nn.Module, mask: torch.Tensor, pattern: SparsityPattern) -> None:
     """Mask ``module``: combine ``mask`` with the one it has (a zero stays zero), zero its
-    weight where the mask is False, and record the pattern.
+    weight where the mask is False, and record the pattern (unstructured when it differs from
+    the pattern of the mask it had: their combination has neither structure).
 
     Raises:
         ValueError: ``module`` has no weight, or ``mask`` is not of its shape.
@@ -89,6 +90,8 @@ def set_mask(module: nn.Module, mask: torch.Tensor, pattern: SparsityPattern) ->
     old = mask_of(module)
     if old is not None:
         mask = mask & old
+        if pattern_of(module) != pattern:
+            pattern = SparsityPattern()
     module.register_buffer(MASK, mask.clone())
     setattr(module, PATTERN, pattern)
     apply_masks(module)

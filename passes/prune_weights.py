@@ -159,12 +159,17 @@ def select_layers(gm: fx.GraphModule, prune_first: bool, prune_last: bool, inclu
                   min_params: int, ignore=()) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
     """(layers to prune, {layer left dense: why}), both in graph order."""
     names: List[str] = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in names \
-                and type(gm.get_submodule(node.target)) in _LAYERS:
-            names.append(node.target)
-    tied = graphopt.shared_weights(gm, calls=False)
     prune, dense = {}, {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in names or node.target in dense:
+            continue
+        m = gm.get_submodule(node.target)
+        if type(m) in _LAYERS:
+            names.append(node.target)
+        elif isinstance(m, _LAYERS):
+            dense[node.target] = f"a subclass of {next(t for t in _LAYERS if isinstance(m, t)).__name__} " \
+                                 "(it may compute something else)"
+    tied = graphopt.shared_weights(gm, calls=False)
     for i, name in enumerate(names):
         m = gm.get_submodule(name)
         if name in ignore:

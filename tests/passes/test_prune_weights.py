@@ -324,3 +324,20 @@ def test_docs_example_runs(capsys):
     code, = re.findall(r"```python\n(.*?)```", open(path).read(), re.S)
     exec(compile(code, "prune_weights.md", "exec"), {})
     assert capsys.readouterr().out.strip() == re.search(r"# (\[.*\])", code).group(1)
+
+
+def test_subclasses_stay_dense_and_a_second_pruning_keeps_the_first_zeros():
+    class SameConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = net()
+    model.conv = SameConv(16, 32, 3, padding=1)
+    opt = prune(model, {"sparsity": 0.5}, leaf_modules=(SameConv,))  # a leaf: called as a module
+    assert "conv" not in layers(opt)
+    assert "conv (32, 16, 3, 3): kept dense: a subclass of Conv2d" in " | ".join(opt.report["prune_weights"].messages)
+    twice = prune(passes=[("prune_weights", {"sparsity": 0.5, "block": 4}), ("prune_weights", {"sparsity": 0.6})])
+    once = prune(options={"sparsity": 0.5, "block": 4})
+    for name, m in layers(twice).items():
+        assert bool((m.weight[layers(once)[name].weight == 0] == 0).all())
+        assert pattern_of(m) == SparsityPattern()  # blocks AND unstructured: no structure left

@@ -126,8 +126,8 @@ def settings(ctx: graphopt.PassContext, sparsity=None, alpha=None, n_m=None, sco
     if alpha is not None and scope == "global":
         raise graphopt.PassOptionError("prune_weights: alpha is a per-layer rule (|w| < alpha * max|w| of the "
                                        "layer): drop scope='global', or give sparsity for a global threshold")
-    if block is None:
-        block = ctx.capabilities.sparse_block if ctx.capabilities is not None else 1
+    if block is None:  # N:M is along the input channels: the target's output-channel block does not apply
+        block = ctx.capabilities.sparse_block if ctx.capabilities is not None and n_m is None else 1
     else:
         dims = _ints(block, "block")
         if len(dims) > 2 or (len(dims) == 2 and dims[1] != 1):
@@ -137,9 +137,9 @@ def settings(ctx: graphopt.PassContext, sparsity=None, alpha=None, n_m=None, sco
     if n_m is not None and block != 1:
         raise graphopt.PassOptionError(f"prune_weights: n_m and block={block} do not combine: N:M groups are "
                                        "along the input channels, blocks along the output channels")
-    if schedule == "gradual" and sparsity is None:
+    if schedule == "gradual" and given and sparsity is None:
         raise graphopt.PassOptionError("prune_weights: schedule='gradual' ramps up a sparsity target: give "
-                                       f"sparsity (not {given[0] if given else 'nothing'})")
+                                       f"sparsity, not {given[0]}")
     if steps is not None and schedule != "gradual":
         raise graphopt.PassOptionError("prune_weights: steps is for schedule='gradual'")
     if not given:

@@ -157,6 +157,10 @@ def test_the_target_sparse_block_is_the_default_block():
 
     opt = prune(options={"sparsity": 0.5}, target=Blocky())
     assert all(pattern_of(m).block == (4, 1) for m in layers(opt).values())
+    opt = prune(options={"n_m": (2, 4)}, target=Blocky())  # N:M is along the inputs: no block
+    assert all(pattern_of(m) == SparsityPattern(n_m=(2, 4)) for m in layers(opt).values())
+    opt = prune(options={"schedule": "gradual"})  # the default sparsity, ramped up
+    assert abs(zeros(layers(opt)["conv"].weight) - 0.5) < 0.2
 
 
 def test_gradual_follows_zhu_gupta_and_recovers_on_calibration_data():

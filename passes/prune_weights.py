@@ -56,7 +56,7 @@ import graphopt
 from graphopt import Option
 from graphopt.numerics import flat_outputs
 from graphopt.report.text import human
-from graphopt.sparsity import SparsityPattern, apply_masks, mask_of, set_mask
+from graphopt.sparsity import SparsityPattern, apply_masks, mask_of, pattern_of, set_mask
 
 SCOPES = ("global", "layer")
 SCHEDULES = ("oneshot", "gradual")
@@ -338,7 +338,7 @@ def _report(ctx, gm, layers: Dict[str, nn.Module], dense: Dict[str, str], s: Set
         z = int((w == 0).sum())
         zeros, numel = zeros + z, numel + w.numel()
         dense_b += w.numel() * w.element_size()
-        packed_b += compressed_bytes(mask_of(m), s.block, w.element_size())
+        packed_b += compressed_bytes(mask_of(m), pattern_of(m).block[0], w.element_size())
         ctx.note(f"{name} {tuple(w.shape)}: {z / w.numel():.1%} zeros ({z} of {w.numel()})")
     for name, why in dense.items():
         ctx.note(f"{name} {tuple(gm.get_submodule(name).weight.shape)}: kept dense: {why}")
@@ -356,7 +356,8 @@ def _report(ctx, gm, layers: Dict[str, nn.Module], dense: Dict[str, str], s: Set
     ctx.note(f"zeros: {human(zeros)} of {human(numel)} weights of the pruned layers ({zeros / numel:.1%}); "
              f"{human(all_zeros)} of all {human(params)} parameters ({all_zeros / max(params, 1):.1%}); "
              f"nonzero parameters: {params - all_zeros}")
-    fmt = "CSR" if s.block == 1 else f"BSR ({s.block}, 1)"
+    blocks = {pattern_of(m).block[0] for m in layers.values()}
+    fmt = "CSR" if blocks == {1} else f"BSR ({max(blocks)}, 1)" if len(blocks) == 1 else "CSR/BSR"
     ctx.note(f"pruned layers' weights: {human(dense_b, 'B')} dense, {human(packed_b, 'B')} compressed "
              f"({fmt}: fp32 values, int32 indices; an estimate, artifacts still store them dense): "
              f"{packed_b / max(dense_b, 1):.2f}x")

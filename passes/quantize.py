@@ -16,7 +16,9 @@ The pass
 
 The result runs in PyTorch with exact integer arithmetic, so its accuracy is the compiled int8
 model's (see docs/quantization.md); the Relax lowering turns each op into int8 x int8 -> int32
-compute. Run ``fuse_conv_bn`` first: a BatchNorm left after a conv stays float.
+compute. Run ``fuse_conv_bn`` first: a BatchNorm left after a conv stays float. A layer pruned
+by ``prune_weights`` keeps its mask (:mod:`graphopt.sparsity`) on its quantized form: symmetric
+weight quantization maps 0 to 0, so its pruned weights stay exactly zero in int8.
 
 Example:
     >>> import torch, graphopt
@@ -97,7 +99,7 @@ def _validate(gm: fx.GraphModule, ctx: graphopt.PassContext, *, skip, max_drop, 
     },
     tolerance=0.5,
     needs=("calibration_data",),
-    runs_after=("fuse_conv_bn", "prune_channels", "separable_conv"),
+    runs_after=("fuse_conv_bn", "prune_channels", "prune_weights", "separable_conv"),
     validate=_validate,
 )
 def quantize(gm: fx.GraphModule, ctx: graphopt.PassContext, *, observer: str, per_channel: bool,

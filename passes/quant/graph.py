@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.analysis.sharing import shared_weights
+from graphopt.sparsity import copy_mask
 
 from .modules import QuantizedConv, QuantizedLinear
 from .observers import Observer, QParams
@@ -427,6 +428,8 @@ def _emit_site(root: fx.GraphModule, graph: fx.Graph, site: Site, xs, x_qp, out_
                           x_qp[0], out_qp, site.act_kind, per_channel)
     else:
         q = QuantizedLinear(layer.weight, layer.bias, x_qp[0], out_qp, site.act_kind, per_channel)
+    if site.node.op == "call_module":  # a pruned layer's zeros quantize to 0: its mask still holds
+        copy_mask(root.get_submodule(site.node.target), q)  # (graphopt.sparsity)
     target = site.node.target if site.node.op == "call_module" else f"{site.node.name}_int8"
     root.add_submodule(target, q)
     return graph.create_node("call_module", target, (xs[0],), name=site.node.name)

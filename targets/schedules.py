@@ -50,7 +50,7 @@ def _conv2d_nchwc(sch, block, oc_tile: int, ow_tiles: List[int], unroll_channel_
     ow_o, ow_i = sch.split(ow, [None, ow_tile])
     sch.reorder(n, oc_o, oh, ow_o, icc, kh, kw, icb, oc_i, ow_i, ob)
     sch.parallel(sch.fuse(n, oc_o, oh))
-    _write_back_at(sch, block, ow_o)
+    sch = _write_back_at(sch, block, ow_o)
     sch.vectorize(ob)
     sch.unroll(ow_i)
     sch.unroll(oc_i)
@@ -61,19 +61,61 @@ def _conv2d_nchwc(sch, block, oc_tile: int, ow_tiles: List[int], unroll_channel_
     return sch
 
 
-def _write_back_at(sch, block, loop) -> None:
+def _write_back_at(sch, block, loop):
     """Compute the output (or the fused epilogue: bias, residual add, activation) per tile.
 
     The accumulators then live only for one tile, which LLVM keeps in registers; the
-    epilogue reads them there and writes the result once.
+    epilogue reads them there and writes the result once. Every intermediate elementwise
+    stage is inlined into the kernel's output stage first: an epilogue that is a DAG
+    (hard-swish ``x * relu6(x + 3) / 6`` reads ``x`` twice) then has one stage, whose only
+    computed producer is the tile. Where that still cannot move under the tile loop, the
+    epilogue runs after the whole convolution instead (parallel, vectorized): slower by one
+    pass over the output, but a schedule. Returns the schedule to use (``sch`` or a copy).
     """
-    consumers = sch.get_consumers(block)
-    while len(consumers) == 1 and sch.get_consumers(consumers[0]):
-        try:  # an intermediate elementwise stage: fold it into the next one
-            sch.compute_inline(consumers[0])
-        except Exception:  # noqa: BLE001 (tvm.s_tir.ScheduleError and friends)
+    _inline_intermediate_stages(sch, block)
+    fused = sch.copy()  # the same random variables name the same blocks and loops in the copy
+    try:
+        _epilogue_at(fused, block, loop, sch.get_consumers(block))
+        return fused
+    except Exception:  # noqa: BLE001 (tvm.s_tir.ScheduleError): the unfused epilogue below
+        pass
+    epilogue = sch.get_consumers(block)
+    _epilogue_at(sch, block, loop, [])
+    for stage in epilogue:
+        _parallel_copy(sch, stage)
+    return sch
+
+
+def _inline_intermediate_stages(sch, block) -> None:
+    """Inline every elementwise stage after ``block`` that is not an output of the kernel."""
+    progress = True
+    while progress:
+        progress = False
+        for stage in _stages_after(sch, block):
+            if not sch.get_consumers(stage):
+                continue  # writes one of the kernel's outputs
+            try:
+                sch.compute_inline(stage)
+            except Exception:  # noqa: BLE001 (not inlinable: a reduction, several writes)
+                continue
+            progress = True
             break
-        consumers = sch.get_consumers(block)
+
+
+def _stages_after(sch, block) -> list:
+    """The blocks that (transitively) consume ``block``, nearest first."""
+    seen, order, frontier = set(), [], list(sch.get_consumers(block))
+    while frontier:
+        stage = frontier.pop(0)
+        name = sch.get(stage).name_hint
+        if name not in seen:
+            seen.add(name)
+            order.append(stage)
+            frontier += list(sch.get_consumers(stage))
+    return order
+
+
+def _epilogue_at(sch, block, loop, consumers) -> None:
     if not consumers:
         consumers = [sch.cache_write(block, 0, "global")]
     for consumer in consumers:

@@ -243,13 +243,20 @@ def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
 
 
 def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
-    """Depthwise conv, data ``[N, C/b, H, W, b]``, kernel ``[C/b, 1, KH, KW, 1, b]`` (TE)."""
+    """Depthwise conv, data ``[N, C/b, H, W, b]``, kernel ``[C/b, 1, KH, KW, 1, b]`` (TE).
+
+    The block carries the annotation of graphopt's hand-written depthwise design space
+    (:mod:`graphopt.targets.schedules.depthwise`), which folds the padding into the loads.
+    """
     from tvm import te
+
+    from .schedules import DEPTHWISE_NCHWC_RULE
 
     _, cb, _, _, block = data.shape
     kh_size, kw_size = int(kernel.shape[2]), int(kernel.shape[3])
     strides, dilation = [int(s) for s in strides], [int(d) for d in dilation]
-    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation)
+    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation,
+                                         pad_attrs={"schedule_rule": "None"})
     (sh, sw), (dh, dw) = strides, dilation
     kh = te.reduce_axis((0, kh_size), name="kh")
     kw = te.reduce_axis((0, kw_size), name="kw")
@@ -258,7 +265,7 @@ def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
         lambda n, c, h, w, b: te.sum(
             padded[n, c, h * sh + kh * dh, w * sw + kw * dw, b].astype(out_dtype)
             * kernel[c, 0, kh, kw, 0, b].astype(out_dtype), axis=[kh, kw]),
-        name="depthwise_conv2d_NCHWc")
+        name="depthwise_conv2d_NCHWc", attrs={"schedule_rule": DEPTHWISE_NCHWC_RULE})
 
 
 def legalize_map() -> Dict[str, object]:

@@ -36,7 +36,6 @@ __all__ = ["TuningInfo", "allocate_capped", "allocate_trials", "tune", "tuning_t
 _log = logging.getLogger("graphopt.targets")
 
 FLOOR_TRIALS = 8        # per task, when the budget allows it
-CUSTOM_SPACE_TRIALS = 40  # a hand-written conv space has at most about 36 points (targets/schedules.py)
 MAX_TRIALS_PER_ITER = 64
 
 
@@ -148,7 +147,8 @@ class _Task:
     flops: float
     key: str
     skip: bool = False
-    custom: bool = False  # scheduled by graphopt's hand-written rule (targets/schedules.py)
+    custom: bool = False  # scheduled by one of graphopt's hand-written rules (targets/schedules/)
+    cap: Optional[int] = None  # the most trials its hand-written space can use
     budget: int = 0
     done: int = 0
 
@@ -206,7 +206,7 @@ def tuning_tasks(prepared, tvm_target) -> List[_Task]:
     from tvm.s_tir import analysis
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import uses_custom_rule
+    from .schedules import trial_cap
 
     skip = not_worth_tuning(prepared)
     tasks = []
@@ -220,7 +220,7 @@ def tuning_tasks(prepared, tvm_target) -> List[_Task]:
             flops = 1.0
         tasks.append(_Task(name=t.task_name, mod=mod, target=t.target, weight=int(t.weight),
                            flops=flops, key=str(tvm_ffi.structural_hash(mod)), skip=t.task_name in skip,
-                           custom=uses_custom_rule(mod)))
+                           custom=trial_cap(mod) is not None, cap=trial_cap(mod)))
     return tasks
 
 
@@ -308,7 +308,7 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
 
     tasks = tuning_tasks(prepared, tvm_target)
     info.tasks = len(tasks)
-    caps = [CUSTOM_SPACE_TRIALS if t.custom else None for t in tasks]
+    caps = [t.cap for t in tasks]
     for task, budget in zip(tasks, allocate_capped(trials, [t.cost for t in tasks], caps)):
         task.budget = budget
     cache = TuningCache(target.cache_key(), root=target.cache_dir)
@@ -404,7 +404,7 @@ def _fall_back(task: _Task, trials: int, failure: Optional[Exception], *, log, t
     how = "TVM default schedule"
     if task.custom:
         generic = _without_schedule_rules(task.mod)
-        retry = dataclasses.replace(task, mod=generic, custom=False)
+        retry = dataclasses.replace(task, mod=generic, custom=False, cap=None)
         if _try_tune(retry, trials, **tools) is None and _copy_records(tools["database"], generic, task.mod):
             how = "MetaSchedule's generic search"
     line = f"{task.name}: {how} (the hand-written space failed: {reason})" if task.custom else \

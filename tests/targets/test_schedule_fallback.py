@@ -15,19 +15,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 class Epilogues(nn.Module):
-    """conv + hand-written hard-swish, conv + nn.Hardswish, an SE gate ``x * hardsigmoid(conv(mean(x)))``."""
+    """MobileNetV3's block: conv + hand-written hard-swish, conv + nn.Hardswish, depthwise +
+    hard-swish, an SE gate ``x * hardsigmoid(conv(mean(x)))``."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(16, 16, 3, padding=1)
         self.b = nn.Conv2d(16, 32, 1)
         self.hs = nn.Hardswish()
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
         self.squeeze, self.excite = nn.Conv2d(32, 16, 1), nn.Conv2d(16, 32, 1)
 
     def forward(self, x):
         x = self.a(x)
         x = x * F.relu6(x + 3) / 6
-        x = self.hs(self.b(x))
+        x = self.hs(self.dw(self.hs(self.b(x))))
         gate = F.hardsigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
         return x * gate
 
@@ -43,8 +45,26 @@ def _compile(tmp_path, trials):
     return model, x, target.compile(torch.fx.symbolic_trace(model), (x,), tune_trials=trials)
 
 
+def test_dag_epilogues_run_under_the_register_tile():
+    """Hard-swish reads its input twice; the SE gate's multiply reads a second tensor: every
+    epilogue stage is computed per tile, none as a pass of its own after the convolution."""
+    from graphopt.targets.pipeline import prepare
+    from graphopt.targets.schedules.unmeasured import hand_written_tasks, point
+
+    target = graphopt.get_target("x86")
+    x = torch.randn(1, 16, 8, 8)
+    prepared = prepare(target.lower(torch.fx.symbolic_trace(Epilogues().eval()), (x,)).mod, target.tvm(),
+                       layout_block=target.layout_block)
+    tasks = list(hand_written_tasks(prepared, target.tvm()))
+    assert len(tasks) == 5 and any("multiply_divide" in name for name, _ in tasks)
+    for name, mod in tasks:
+        script = point(mod, target.tvm()).mod.script()
+        padded = "pad_temp" in script  # the dense kernel's padding is a parallel copy of its own
+        assert script.count("T.parallel(") == 1 + padded, name
+
+
 def test_hard_swish_and_se_gate_epilogues_get_the_hand_written_schedule(tmp_path):
-    model, x, compiled = _compile(tmp_path, 3)  # one trial for each conv kernel
+    model, x, compiled = _compile(tmp_path, 4)  # one trial for each conv kernel
     with compiled:
         info = compiled.tuning
         assert info.fallbacks == [] and compiled.summary()["schedule_fallbacks"] == "none"

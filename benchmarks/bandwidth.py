@@ -1,4 +1,4 @@
-"""This machine's cache bandwidth, measured with TVM streaming kernels (the yardstick for depthwise).
+"""This machine's cache bandwidth and FMA peak, measured with TVM kernels (the yardsticks for depthwise).
 
 A depthwise convolution does 9 or 25 multiply-adds per value it reads: it is memory-bound, and
 judged in bytes moved per second against what the caches deliver. This script measures that
@@ -14,8 +14,12 @@ size ``--repeat`` times inside one call (so the call overhead is amortized):
 
 A buffer of 64-512 KB per thread lives in L2 (1 MB per core on Zen 4; 32 KB L1d): the copy
 kernel's best rate there is :func:`l2_bandwidth`, what ``benchmarks/kernels.py`` divides a
-depthwise kernel's bytes per second by. Timings are minimums over ``--runs`` calls (the machine
-may be shared; the minimum is what the hardware can do), with the median printed beside.
+depthwise kernel's bytes per second by. :func:`fma_peak` is the other roof: 16 independent
+vector multiply-add chains per thread, no memory traffic (on Zen 4, 2 x 256-bit FMA units per
+core: 32 fp32 FLOP per cycle). A 3x3 stride-1 depthwise conv does 18 FLOP per 8 bytes moved,
+so where ``fma_peak / 2.25`` is below the L2 bandwidth it is compute-bound before it is
+L2-bound. Timings are minimums over ``--runs`` calls (the machine may be shared; the minimum
+is what the hardware can do), with the median printed beside.
 
 Usage:
     python benchmarks/bandwidth.py [--threads 2] [--sizes-kb 16 64 256 512 4096 65536] [--runs 40]
@@ -94,6 +98,45 @@ def measure(size_kb: int, threads: int = 2, runs: int = 40, total_mb: int = 64) 
     return out
 
 
+def _fma_kernel(threads: int, repeat: int):
+    from tvm.script import tirx as T
+
+    chains = 16
+
+    @T.prim_func
+    def fma(a: T.Buffer((threads, chains, LANES), "float32"), b: T.Buffer((threads, chains, LANES), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((chains, LANES), "float32", scope="local")
+            for u in T.unroll(chains):
+                for v in T.vectorized(LANES):
+                    acc[u, v] = a[t, u, v]
+            for r in range(repeat):
+                for u in T.unroll(chains):
+                    for v in T.vectorized(LANES):
+                        acc[u, v] = acc[u, v] * T.float32(0.999) + T.float32(0.001)
+            for u in T.unroll(chains):
+                for v in T.vectorized(LANES):
+                    b[t, u, v] = acc[u, v]
+
+    return fma, chains
+
+
+def fma_peak(threads: int = 2, runs: int = 20, repeat: int = 200_000) -> float:
+    """GFLOP/s of ``threads`` threads doing nothing but independent vector multiply-adds (best run)."""
+    import tvm
+
+    import graphopt
+    from graphopt.targets.runtime import set_runtime_threads
+
+    set_runtime_threads(threads)
+    func, chains = _fma_kernel(threads, repeat)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=graphopt.get_target("x86").tvm()).jit()
+    a, b = (tvm.runtime.tensor(np.ones((threads, chains, LANES), "float32")) for _ in range(2))
+    times = list(lib.time_evaluator("main", tvm.cpu(), number=1, repeat=runs)(a, b).results)
+    return threads * repeat * chains * LANES * 2 / min(times) / 1e9
+
+
 def l2_bandwidth(threads: int = 2, runs: int = 40) -> float:
     """GB/s (bytes read + written) of the copy kernel on L2-resident buffers: the best over sizes."""
     return max(measure(kb, threads, runs)["copy"][0] for kb in L2_SIZES_KB)
@@ -109,6 +152,7 @@ def main(argv: Sequence[str] = None) -> int:
     for kb in args.sizes_kb:
         m = measure(kb, args.threads, args.runs)
         print(f"{kb:>7d} KB: " + "   ".join(f"{k} {b:6.1f} ({md:6.1f})" for k, (b, md) in m.items()), flush=True)
+    print(f"FMA peak: {fma_peak(args.threads):.0f} GFLOP/s")
     return 0
 
 

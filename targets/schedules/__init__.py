@@ -6,8 +6,9 @@ Runtime's MLAS and XNNPACK use are known. graphopt writes them down as MetaSched
 rules*, one per kernel family, whose only sampled decisions are the few knobs that matter, so
 tuning picks among a handful to a few dozen good candidates:
 
-* :mod:`.dense`: ``conv2d_NCHWc`` (dense and stem convs): register tile of pixels x output
-  channel blocks, broadcast-FMA over input channels and taps;
+* :mod:`.dense`: ``conv2d_NCHWc`` (dense, stem and grouped convs): register tile of pixels x
+  output channel blocks, broadcast-FMA over input channels and taps (for a grouped conv, those
+  of the tile's group);
 * :mod:`.depthwise`: ``depthwise_conv2d_NCHWc``: register tile of pixels of one channel
   block, the taps as the only reduction, the padding folded into the loads.
 
@@ -17,7 +18,7 @@ registered as ``s_tir.meta_schedule.cpu.<rule>`` for it instead of the generic r
 
 Example:
     >>> register()  # idempotent; the tuner calls it before generating design spaces
-    >>> sorted(RULES) == sorted([CONV2D_NCHWC_RULE, DEPTHWISE_NCHWC_RULE])
+    >>> sorted(RULES) == sorted([CONV2D_NCHWC_RULE, DEPTHWISE_NCHWC_RULE, GROUPED_CONV2D_NCHWC_RULE])
     True
 """
 from __future__ import annotations
@@ -25,18 +26,20 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-from .common import CONV2D_NCHWC_RULE, DEPTHWISE_NCHWC_RULE, MAX_ACCUMULATORS, tile_candidates
-from .dense import conv2d_nchwc_rule
+from .common import (CONV2D_NCHWC_RULE, DEPTHWISE_NCHWC_RULE, GROUPED_CONV2D_NCHWC_RULE, MAX_ACCUMULATORS,
+                     tile_candidates)
+from .dense import conv2d_nchwc_rule, grouped_conv2d_nchwc_rule
 from .depthwise import depthwise_nchwc_rule
 
-__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_NCHWC_RULE", "MAX_ACCUMULATORS", "RULES", "conv2d_nchwc_rule",
-           "custom_rule", "depthwise_nchwc_rule", "register", "space_generator", "tile_candidates",
+__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE", "MAX_ACCUMULATORS", "RULES",
+           "conv2d_nchwc_rule", "custom_rule", "depthwise_nchwc_rule", "grouped_conv2d_nchwc_rule", "register", "space_generator", "tile_candidates",
            "trial_cap", "uses_custom_rule"]
 
 #: rule name -> (the rule, the most trials its space can use: a few more than its points)
 RULES = {
     CONV2D_NCHWC_RULE: (conv2d_nchwc_rule, 40),   # up to 3 channel tiles x 2 unrollings x ~6 pixel tiles
     DEPTHWISE_NCHWC_RULE: (depthwise_nchwc_rule, 8),  # up to 5 pixel tiles
+    GROUPED_CONV2D_NCHWC_RULE: (grouped_conv2d_nchwc_rule, 40),  # the dense space, tiles within a group
 }
 
 

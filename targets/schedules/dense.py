@@ -1,4 +1,4 @@
-"""The hand-written design space for dense (and stem) ``conv2d_NCHWc`` blocks.
+"""The hand-written design space for dense (and stem, and grouped) ``conv2d_NCHWc`` blocks.
 
 MetaSchedule's generic rules (multi-level tiling over every loop) can express a fast blocked
 convolution, but the space is so large that a few hundred trials per kernel rarely find
@@ -20,7 +20,7 @@ from typing import List
 
 from .common import MAX_ACCUMULATORS, parallel_copy, tile_candidates, write_back_at
 
-__all__ = ["conv2d_nchwc_rule"]
+__all__ = ["conv2d_nchwc_rule", "grouped_conv2d_nchwc_rule"]
 
 
 def _conv2d_nchwc(sch, block, oc_tile: int, ow_tiles: List[int], unroll_channel_block: bool):
@@ -49,11 +49,22 @@ def conv2d_nchwc_rule(sch, block):
     The pixel tile is a sampled decision within each space, limited so that the register
     tile (``oc_tile`` x ``ow_tile`` vectors) fits :data:`MAX_ACCUMULATORS`.
     """
+    return _spaces(sch, block, groups=1)
+
+
+def grouped_conv2d_nchwc_rule(sch, block):
+    """Design spaces for a grouped ``conv2d_NCHWc`` block (ResNeXt, RegNet): the dense kernel
+    per group. Output-channel tiles divide a group's blocks, so the input values broadcast
+    into a tile are those of one group."""
+    return _spaces(sch, block, groups=int(sch.get(block).annotations["groups"]))
+
+
+def _spaces(sch, block, groups: int):
     loops = sch.get_loops(block)
     oc_blocks, out_width = int(sch.get(loops[1]).extent), int(sch.get(loops[3]).extent)
     ow_tiles = tile_candidates(out_width, 4, MAX_ACCUMULATORS)
     spaces = []
-    for oc_tile in tile_candidates(oc_blocks, 1, 4):
+    for oc_tile in tile_candidates(oc_blocks // groups, 1, 4):
         fitting = [t for t in ow_tiles if t * oc_tile <= MAX_ACCUMULATORS]
         if fitting:
             spaces += [_conv2d_nchwc(sch, block, oc_tile, fitting, unroll) for unroll in (False, True)]

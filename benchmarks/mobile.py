@@ -148,6 +148,8 @@ def _ratio(rows_value, over) -> str:
 def _tuning(t: Optional[dict]) -> str:
     if not t:
         return "-"
+    if not t["trials"]:
+        return "0 (untuned)"
     ran = f"{t['trials_run']} run, {t['tuning_s']:.0f} s" if t["trials_run"] else "cache hit"
     return f"{t['trials']} ({ran}; {t['tasks']} kernels)"
 

@@ -32,8 +32,8 @@ from .dense import conv2d_nchwc_rule, grouped_conv2d_nchwc_rule
 from .depthwise import depthwise_nchwc_rule
 
 __all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE", "MAX_ACCUMULATORS", "RULES",
-           "conv2d_nchwc_rule", "custom_rule", "depthwise_nchwc_rule", "grouped_conv2d_nchwc_rule", "register", "space_generator", "tile_candidates",
-           "trial_cap", "uses_custom_rule"]
+           "conv2d_nchwc_rule", "custom_rule", "depthwise_nchwc_rule", "grouped_conv2d_nchwc_rule", "register",
+           "space_generator", "tile_candidates", "trial_cap", "uses_custom_rule"]
 
 #: rule name -> (the rule, the most trials its space can use: a few more than its points)
 RULES = {

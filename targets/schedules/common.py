@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import List
 
-__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE", "MAX_ACCUMULATORS", "parallel_copy",
-           "tile_candidates", "write_back_at"]
+__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE", "MAX_ACCUMULATORS",
+           "parallel_copy", "tile_candidates", "write_back_at"]
 
 CONV2D_NCHWC_RULE = "graphopt_conv2d_nchwc"
 DEPTHWISE_NCHWC_RULE = "graphopt_depthwise_conv2d_nchwc"

@@ -69,6 +69,16 @@ class ProgressInstrument(PassInstrument):
         self.bar.close()
 
 
+def latency_schedules(tune_trials: Optional[int]) -> str:
+    """What the report's latencies were timed with, said next to them."""
+    if tune_trials:
+        return (f"tuned: every graph timed after tuning with tune_trials={tune_trials} and the shared "
+                "tuning cache, as the artifact was built; median of the runs, noise band p90 - p10")
+    return ("untuned: TVM's default schedules for float layers and graphopt's pre-scheduled int8 "
+            "kernels, as the artifact was built (float and int8 timings do not compare: pass "
+            "tune_trials to time every pass tuned); median of the runs, noise band p90 - p10")
+
+
 def optimize(
     model: torch.nn.Module,
     passes: Optional[Sequence[PassItem]] = None,
@@ -101,7 +111,9 @@ def optimize(
         on_error: "rollback", "stop" or "raise" (see PassManager).
         leaf_modules, concrete_args: tracing controls (see the CaptureError message).
         tolerances: per-pass relative error tolerances, overriding the declared ones.
-        measure_latency: time every applied pass on the target (default: when a target is given).
+        measure_latency: time every applied pass on the target (default: when a target is given),
+            with the schedules the artifact gets: with ``tune_trials``, each new graph is tuned
+            through the shared cache first (layers tuned before are not tuned again).
 
     Example:
         >>> import torch, graphopt
@@ -114,6 +126,8 @@ def optimize(
     check_model(model)
     pipeline = check_passes(DEFAULT_PASSES if passes is None else passes)
     tgt = get_target(target) if target is not None else None
+    if callable(getattr(tgt, "check", None)):
+        tgt.check()  # a missing toolchain or an unknown CPU: said now, not after the passes
     check_tune_trials(tune_trials, tgt is not None)
     exact_tolerance = check_positive("exact_tolerance", exact_tolerance)
     eval_fn = check_eval_fn(eval_fn)
@@ -144,7 +158,9 @@ def optimize(
     caps = ctx.capabilities
     if caps is not None and (measure_latency or measure_latency is None):
         if caps.can_measure_latency:
-            reporter.latency_fn = lambda g: caps.measure_latency(g, example)
+            # timed with the schedules the artifact gets: tuned through the shared cache, or untuned
+            reporter.latency_fn = lambda g: caps.time(g, example, tune_trials)
+            reporter.latency_schedules = latency_schedules(tune_trials)
         elif measure_latency and caps.emulated:  # qemu timings say nothing about the device
             log.warning("%s runs under qemu emulation here: per-pass latency is not measured; give the "
                         "target rpc= or tracker= to time passes on a real device", caps.name)

@@ -51,6 +51,7 @@ class PassContext:
         seed: seed for passes that sample.
         progress: progress-bar factory with tqdm's signature.
         messages: what the running pass reported with ``note()``; read by the report.
+        warnings: what it reported with ``warn()``: the report shows them at warning level.
     """
 
     example_inputs: Tuple[torch.Tensor, ...] = ()
@@ -63,6 +64,7 @@ class PassContext:
     logger: logging.Logger = log
     progress: Callable = default_progress
     messages: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def capabilities(self) -> Optional[TargetCapabilities]:
@@ -73,6 +75,11 @@ class PassContext:
         """Record a message for the current pass's report entry (e.g. why a layer was skipped)."""
         self.messages.append(message)
         self.logger.info(message)
+
+    def warn(self, message: str) -> None:
+        """Record a warning for the current pass (e.g. it achieved far less than asked, and why)."""
+        self.warnings.append(message)
+        self.logger.warning(message)
 
     def require(self, needs: Sequence[str], who: str) -> None:
         """Raise MissingInputError naming what ``who`` needs and how to give it."""

@@ -169,13 +169,19 @@ class LayerRegistry:
         """Every key (that has ``part``, when given)."""
         return [k for k, f in self._families.items() if part is None or getattr(f, part) is not None]
 
-    def for_type(self, cls: type, part: str) -> Optional[Callable]:
-        """The ``part`` serving modules of class ``cls``: the MRO rule of the module docstring."""
+    def for_type(self, cls: type, part: str, called: bool = True) -> Optional[Callable]:
+        """The ``part`` serving modules of class ``cls``: the MRO rule of the module docstring.
+
+        ``called=False``: for a module the graph never calls, only reads parameters of (fx traced
+        through its ``forward``, e.g. timm's ``BatchNormAct2d`` into ``F.batch_norm``): its own
+        ``forward`` does not matter then, so the first base that registered the part serves.
+        """
         for base in cls.__mro__:
             fam = self._families.get(base)
             if fam is not None and getattr(fam, part) is not None:
                 # a subclass with its own forward may compute anything: not covered
-                return getattr(fam, part) if base is cls or cls.forward is base.forward else None
+                covered = not called or base is cls or cls.forward is base.forward
+                return getattr(fam, part) if covered else None
         return None
 
     def lookup(self, node: fx.Node, module: Optional[nn.Module], part: str) -> Optional[Callable]:

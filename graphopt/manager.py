@@ -56,6 +56,7 @@ class PassResult:
     accuracy_before: Optional[float] = None
     accuracy_after: Optional[float] = None
     messages: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
     exception: Optional[BaseException] = None
 
 
@@ -128,6 +129,16 @@ class _ReadOnly:
         return True
 
 
+def _evaluate_original(eval_fn, gm: fx.GraphModule):
+    """eval_fn on the model before any pass: an error here is the caller's, named as such."""
+    try:
+        return eval_fn(gm)
+    except Exception as e:
+        raise InvalidArgumentError(f"eval_fn raised on the original model, before any pass ran: "
+                                   f"{type(e).__name__}: {e}; it must take the model and return a "
+                                   "number (it gets a torch.fx.GraphModule, called like the model)") from e
+
+
 class PassManager:
     """Validate, order and run a list of passes.
 
@@ -194,7 +205,7 @@ class PassManager:
         self._read_only = [_ReadOnly(ctx, "original")]
         original_out = run(ctx.original, ctx.example_inputs)
         current, current_out = gm, run(gm, ctx.example_inputs)
-        accuracy = check_eval_result(ctx.eval_fn(current)) if ctx.eval_fn else None
+        accuracy = check_eval_result(_evaluate_original(ctx.eval_fn, current)) if ctx.eval_fn else None
         for inst in self.instruments:
             inst.enter_pipeline(gm, ctx)
         stopped_by: Optional[str] = None
@@ -233,14 +244,15 @@ class PassManager:
 
     def _run_one(self, step, current, current_out, original_out, accuracy, ctx) -> Tuple[PassResult, Any]:
         spec = step.spec
-        ctx.messages = []
+        ctx.messages, ctx.warnings = [], []
         if not spec.exact and ctx.reference is None:
             ctx.reference = copy.deepcopy(current)  # the teacher: a copy, so nothing can change `current`
             self._read_only.append(_ReadOnly(ctx, "reference"))
         for inst in self.instruments:
             inst.run_before_pass(step, current, ctx)
         result = PassResult(step, FAILED, current, current, accuracy_before=accuracy,
-                            accuracy_after=accuracy, messages=ctx.messages)
+                            accuracy_after=accuracy, messages=ctx.messages,
+                            warnings=ctx.warnings)
         candidate = copy.deepcopy(current)
         t0 = time.perf_counter()
         try:

@@ -18,7 +18,14 @@ capability                  default     used by
                                         without a target: AVX2's lanes, two NEON registers)
 ``measure_latency(gm,       absent      per-pass latency in reports, ``separable_conv``'s
 example_inputs) -> ms``                 per-layer timing; absent: nothing is timed
+``benchmark_graph(gm,       absent      the report's noise bands and tuned timing: statistics
+example_inputs,                         with ``median_ms``, ``p10_ms``, ``p90_ms`` of a build
+tune_trials=) -> stats``                tuned with ``tune_trials`` (the artifact's schedules);
+                                        absent: ``measure_latency``, untuned, no noise band
 ``emulated`` (bool)         ``False``   timings under emulation mean nothing: not taken
+``check()``                 absent      ``optimize`` calls it before any work: a target that
+                                        cannot compile here (a missing toolchain, an unknown
+                                        CPU) raises then, not after the passes
 =========================== =========== ======================================================
 
 Example:
@@ -41,8 +48,8 @@ from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, run
 
 from .errors import InvalidArgumentError
 
-__all__ = ["ACTIVATION_DTYPES", "DEFAULTS", "TargetCapabilities", "TargetProtocol", "capabilities_of",
-           "check_target"]
+__all__ = ["ACTIVATION_DTYPES", "DEFAULTS", "Latency", "TargetCapabilities", "TargetProtocol",
+           "capabilities_of", "check_target"]
 
 log = logging.getLogger("graphopt")
 
@@ -65,6 +72,16 @@ class TargetProtocol(Protocol):
                 progress: Optional[Callable] = None, log: Optional[logging.Logger] = None) -> Any:
         """Lower, tune and build ``gm`` for ``example_inputs``' shapes; returns a callable model."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """One timing of a graph: the median, the noise band (p90 - p10, NaN when the target gives
+    none) and whether it was timed with tuned schedules."""
+
+    median_ms: float
+    spread_ms: float = math.nan
+    tuned: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +114,20 @@ class TargetCapabilities:
         if not self.can_measure_latency:
             return math.nan
         return float(self.target.measure_latency(gm, example_inputs))
+
+    def time(self, gm, example_inputs: Sequence, tune_trials: Optional[int] = None) -> Optional[Latency]:
+        """A :class:`Latency` of ``gm`` with the schedules ``tune_trials`` gives (as the final
+        compile would); None when the target cannot time. A target without ``benchmark_graph``
+        is timed untuned, without a noise band."""
+        if not self.can_measure_latency:
+            return None
+        bench = getattr(self.target, "benchmark_graph", None)
+        if not callable(bench):
+            return Latency(float(self.target.measure_latency(gm, example_inputs)))
+        stats = bench(gm, example_inputs, tune_trials=tune_trials)
+        if stats is None:
+            return None
+        return Latency(float(stats.median_ms), float(stats.p90_ms - stats.p10_ms), bool(tune_trials))
 
 
 def check_target(target: Any) -> Any:

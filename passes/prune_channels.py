@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import ChannelAnalysis, ChannelGroup, Option, analyze_channels, node_macs, propagate_shapes
 from graphopt.analysis.channels import cut
+from graphopt.analysis.channels.blockers import blockers
 from graphopt.errors import did_you_mean
 from graphopt.numerics import flat_outputs
 from graphopt.report.text import human
@@ -321,7 +322,6 @@ def _width(m: nn.Module) -> int:
 def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_macs, importance,
                    round_to, min_channels, ignore):
     """Cut the least important channels of every prunable channel group."""
-    validate_options(gm, ctx, ratio=ratio, target_macs=target_macs, importance=importance, ignore=ignore)
     if ratio is None and target_macs is None:
         ratio = DEFAULT_RATIO
     if round_to is None:
@@ -332,7 +332,12 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     macs_before = graphopt.count_macs(gm)
     params_before = graphopt.count_params(gm)
     before_widths = {name: _width(m) for name, m in gm.named_modules() if isinstance(m, _PRUNABLE_LAYERS)}
-    analysis = analyze_channels(gm, frozen_modules={n: f"in ignore ({n})" for n in ignore})
+    frozen = {n: f"in ignore ({n})" for n in ignore}
+    # tied tensors: cutting one module's copy would untie it (a module called twice is one space)
+    for module, why in graphopt.shared_weights(gm, calls=False).items():
+        if module and module not in frozen:
+            frozen[module] = f"{why}: cutting it would change every use"
+    analysis = analyze_channels(gm, frozen_modules=frozen)
     groups = analysis.prunable_groups()
     scores, notes = group_importance(gm, ctx, groups, importance)
     order = {g.id: np.argsort(scores[g.id], kind="stable") for g in groups}  # least important first
@@ -355,6 +360,7 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
             for k in g.spaces:
                 removed.setdefault(k, []).append(g.index[k][c])
     removed_idx = {k: np.unique(np.concatenate(v)) for k, v in removed.items()}
+    locked = blockers(analysis)[:3]  # weighed on the graph before the cut
     cut(gm, analysis, removed_idx, ctx.example_inputs)
 
     ctx.note(f"{len(groups)} prunable channel groups ({how}, {importance} importance, round_to={round_to}, "
@@ -380,6 +386,8 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
             ctx.note(f"{g.describe()}: left alone: {g.reason}")
     for node, why in analysis.unknown.items():
         ctx.note(f"`{node}` not understood, its channels are left alone: {why}")
+    for n in analysis.notes:  # what the cut rewrote besides the layers (shape asserts)
+        ctx.note(n)
     widths = []
     for name, m in gm.named_modules():
         if name in before_widths and before_widths[name] != _width(m):
@@ -390,4 +398,15 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     ctx.note(f"MACs {human(macs_before)} -> {human(macs_after)} ({100 * (1 - macs_after / max(macs_before, 1)):.1f}% cut), "
              f"params {human(params_before)} -> {human(params_after)} "
              f"({100 * (1 - params_after / max(params_before, 1)):.1f}% cut)")
+    asked = ratio if ratio is not None else 1 - min(budget / max(macs_before, 1), 1.0)
+    _warn_if_short(ctx, locked, asked, 1 - macs_after / max(macs_before, 1), how)
     return gm
+
+
+def _warn_if_short(ctx, top, asked: float, achieved: float, how: str) -> None:
+    """Say so, at warning level, when the cut is under half of what was asked, naming the
+    blockers that lock the most MACs (``top``) and what would unblock them."""
+    if asked <= 0 or achieved >= asked / 2:
+        return
+    ctx.warn(f"cut {achieved:.1%} of the MACs where {how} asks for about {asked:.0%}: most channels are "
+             "locked. " + (" | ".join(f"{b.describe()}" for b in top) if top else "no channel group is prunable"))

@@ -94,6 +94,16 @@ class BenchmarkResult:
                 f"{self.repeat} runs, {self.num_threads} threads, {self.where})")
 
 
+def _to_caller(out: np.ndarray, dtype: str, as_torch: bool):
+    """A library output in the caller's kind and dtype (numpy has no bfloat16: float32 there)."""
+    import torch
+
+    if as_torch:
+        t = torch.from_numpy(np.ascontiguousarray(out))
+        return t if str(t.dtype) == f"torch.{dtype}" else t.to(getattr(torch, dtype))
+    return out if dtype == "bfloat16" or str(out.dtype) == dtype else out.astype(dtype)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -134,6 +144,10 @@ class CompiledModel:
         self._lock = threading.RLock()  # starts the runner once; serializes runners that are not thread-safe
         self.inputs = [TensorSpec.from_dict(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(d) for d in manifest["outputs"]]
+        # the caller's dtypes where the library computes in another (a float16 model runs in float32)
+        io = manifest.get("io_dtypes") or {}
+        self.input_dtypes = list(io.get("inputs") or [s.dtype for s in self.inputs])
+        self.output_dtypes = list(io.get("outputs") or [s.dtype for s in self.outputs])
         self.tuning = TuningInfo.from_dict(manifest.get("tuning") or {})
         self.num_threads = int(manifest["num_threads"])
 
@@ -170,6 +184,8 @@ class CompiledModel:
             "entry": "main",
             "inputs": [s.to_dict() for s in lowered.inputs],
             "outputs": [s.to_dict() for s in lowered.outputs],
+            "io_dtypes": lowered.io_dtypes,
+            "notes": list(lowered.notes),
             "out_tree": lowered.out_tree,
             "params": [TensorSpec(f"p{i:04d}", tuple(p.shape), str(p.dtype)).to_dict()
                        for i, p in enumerate(params)],
@@ -195,18 +211,22 @@ class CompiledModel:
             raise InputShapeError(f"this model takes {len(self.inputs)} input(s) "
                                   f"({self._specs_text()}), got {len(args)}")
         arrays = []
-        for i, (x, spec) in enumerate(zip(args, self.inputs)):
+        for i, (x, spec, dtype) in enumerate(zip(args, self.inputs, self.input_dtypes)):
             if isinstance(x, torch.Tensor):
-                x = x.detach().cpu().numpy()
-            elif not isinstance(x, np.ndarray):
+                got = str(x.dtype).replace("torch.", "")
+                x = x.detach().cpu()
+                x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
+            elif isinstance(x, np.ndarray):
+                got = str(x.dtype)
+            else:
                 raise InputShapeError(f"input {i} ({spec.name}) must be a torch tensor or numpy array, "
                                       f"not {type(x).__name__}")
-            if tuple(x.shape) != spec.shape or str(x.dtype) != spec.dtype:
+            if tuple(x.shape) != spec.shape or got != dtype:
                 raise InputShapeError(
-                    f"input {i} ({spec.name}) must be {list(spec.shape)} {spec.dtype}, got "
-                    f"{list(x.shape)} {x.dtype}: the model was compiled for fixed shapes; "
+                    f"input {i} ({spec.name}) must be {list(spec.shape)} {dtype}, got "
+                    f"{list(x.shape)} {got}: the model was compiled for fixed shapes; "
                     "compile again with example inputs of the new shape")
-            arrays.append(x)
+            arrays.append(x.astype(spec.dtype, copy=False))
         return arrays
 
     def _unpack(self, args: Sequence[Any]) -> Sequence[Any]:
@@ -216,7 +236,7 @@ class CompiledModel:
         return args
 
     def _specs_text(self) -> str:
-        return ", ".join(f"{s.name}: {list(s.shape)} {s.dtype}" for s in self.inputs)
+        return ", ".join(f"{s.name}: {list(s.shape)} {d}" for s, d in zip(self.inputs, self.input_dtypes))
 
     @property
     def runner(self):
@@ -244,7 +264,7 @@ class CompiledModel:
         if len(flat) != len(self.outputs):
             raise TargetError(f"the library returned {len(flat)} outputs, the graph has {len(self.outputs)}")
         as_torch = any(isinstance(a, torch.Tensor) for a in self._unpack(args))
-        leaves = [torch.from_numpy(np.ascontiguousarray(o)) if as_torch else o for o in flat]
+        leaves = [_to_caller(o, dtype, as_torch) for o, dtype in zip(flat, self.output_dtypes)]
         return pytree.tree_unflatten(leaves, pytree.treespec_loads(self._manifest["out_tree"]))
 
     def benchmark(self, repeat: int = 50, *, warmup: int = 5, inputs: Optional[Sequence] = None) -> BenchmarkResult:
@@ -315,6 +335,7 @@ class CompiledModel:
                 "cache_hits": t.cache_hits, "tuning_seconds": round(t.seconds, 2),
                 "build_seconds": self._manifest.get("build_seconds", 0.0),
                 "schedule_fallbacks": "; ".join(t.fallbacks) or "none",
+                **({"notes": "; ".join(self._manifest["notes"])} if self._manifest.get("notes") else {}),
                 "tuning": t.to_dict()}
 
     @property
@@ -405,6 +426,17 @@ def _read_manifest(directory: Path) -> Dict[str, Any]:
     return manifest
 
 
+def _is_dtype(name: Any) -> bool:
+    """A numpy dtype name, or bfloat16 (which numpy lacks)."""
+    if name == "bfloat16":
+        return True
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return isinstance(name, str)
+
+
 def manifest_digest(manifest: Dict[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON, without the digest itself."""
     body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
@@ -427,9 +459,7 @@ def _check_fields(path: Path, manifest: Dict[str, Any]) -> None:
             if not isinstance(shape, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                       for v in shape):
                 bad(f"{field}[{i}].shape", f"must be a list of non-negative ints, not {shape!r}")
-            try:
-                np.dtype(d.get("dtype"))
-            except TypeError:
+            if not _is_dtype(d.get("dtype")):
                 bad(f"{field}[{i}].dtype", f"{d.get('dtype')!r} is not a dtype")
     threads = manifest["num_threads"]
     if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:

@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import logging
 import warnings
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -84,9 +84,12 @@ class LoweredModel:
         mod: IRModule whose ``main`` takes ``(*inputs, *params)`` and returns a flat tuple.
         params: the weights, in ``main``'s parameter order.
         param_specs: their names (the exported names), shapes and dtypes.
-        inputs: the user inputs' specs.
-        outputs: the flat outputs' specs.
+        inputs: the user inputs' specs, as the library takes them.
+        outputs: the flat outputs' specs, as the library returns them.
         out_tree: ``torch.utils._pytree`` spec (serialized) rebuilding the output structure.
+        io_dtypes: ``{"inputs": [...], "outputs": [...]}``, the caller's dtypes, when the library
+            computes in others (a float16 model compiled in float32); None when they are the same.
+        notes: what the lowering changed that a user should know (for the compile summary).
     """
 
     mod: Any
@@ -95,6 +98,8 @@ class LoweredModel:
     inputs: List[TensorSpec]
     outputs: List[TensorSpec]
     out_tree: str
+    io_dtypes: Optional[Dict[str, List[str]]] = None
+    notes: List[str] = dataclasses.field(default_factory=list)
 
 
 def _var_name(var) -> str:
@@ -154,6 +159,7 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
         raise InputShapeError("example_inputs must be a non-empty tuple of torch tensors, got "
                               + ", ".join(type(x).__name__ for x in inputs))
     module = weights_as_parameters(gm).eval()
+    module, inputs, io_dtypes, notes = _in_float32_if_half(module, inputs)
     try:
         with torch.no_grad():
             ep = torch.export.export(module, inputs)
@@ -198,5 +204,42 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
                               "compiled models return tensors only")
         outputs.append(TensorSpec(f"output{i}", tuple(val.shape), _np_dtype(val.dtype)))
     out_spec = ep.call_spec.out_spec
+    if io_dtypes is not None:
+        io_dtypes["outputs"] = [io_dtypes["outputs"][i] if i < len(io_dtypes["outputs"]) else o.dtype
+                                for i, o in enumerate(outputs)]
     return LoweredModel(mod=mod, params=params, param_specs=param_specs, inputs=input_specs,
-                        outputs=outputs, out_tree=pytree.treespec_dumps(out_spec))
+                        outputs=outputs, out_tree=pytree.treespec_dumps(out_spec), io_dtypes=io_dtypes,
+                        notes=notes)
+
+
+#: Float dtypes graphopt's CPU lowering computes in float32 (the frontend and TOPI's CPU
+#: schedules do not handle them; x86 and most ARM cores have no fast fp16/bf16 arithmetic).
+_HALF = ("float16", "bfloat16")
+
+
+def _in_float32_if_half(module, inputs):
+    """A half-precision model as float32: weights and inputs converted, the caller's dtypes kept
+    for the artifact's boundary (inputs accepted and outputs returned in them)."""
+    import torch
+
+    def name(dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    found = {name(t.dtype) for t in [*module.parameters(), *module.buffers(), *inputs]} & set(_HALF)
+    if not found:
+        return module, inputs, None, []
+    with torch.no_grad():
+        outputs = [t for t in pytree_leaves(module(*[x.clone() for x in inputs])) if isinstance(t, torch.Tensor)]
+    io = {"inputs": [name(x.dtype) for x in inputs], "outputs": [name(t.dtype) for t in outputs]}
+    module = module.float()
+    inputs = tuple(x.float() if name(x.dtype) in _HALF else x for x in inputs)
+    note = (f"compiled in float32: the model is {' and '.join(sorted(found))}, which graphopt's CPU "
+            "targets compute in float32 (inputs and outputs keep the model's dtypes)")
+    log.info(note)
+    return module, inputs, io, [note]
+
+
+def pytree_leaves(value) -> list:
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_leaves(value)

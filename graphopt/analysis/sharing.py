@@ -28,11 +28,17 @@ import torch.fx as fx
 __all__ = ["shared_weights"]
 
 
-def shared_weights(gm: fx.GraphModule) -> Dict[str, str]:
-    """Module name -> why its weights are shared (only modules whose weights are shared)."""
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    reasons: Dict[str, str] = {name: f"{name} is called more than once ({k} calls: shared weights)"
-                               for name, k in calls.items() if k > 1}
+def shared_weights(gm: fx.GraphModule, *, calls: bool = True) -> Dict[str, str]:
+    """Module name -> why its weights are shared (only modules whose weights are shared).
+
+    ``calls=False`` leaves out modules called from several nodes (passes that treat every call
+    alike, as the channel analysis does, need only the tied tensors).
+    """
+    reasons: Dict[str, str] = {}
+    if calls:
+        counts = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        reasons = {name: f"{name} is called more than once ({k} calls: shared weights)"
+                   for name, k in counts.items() if k > 1}
     holders: Dict[int, List[str]] = {}
     for name, module in gm.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):

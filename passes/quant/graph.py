@@ -26,6 +26,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphopt.analysis.sharing import shared_weights
+
 from .modules import QuantizedConv, QuantizedLinear
 from .observers import Observer, QParams
 
@@ -230,18 +232,15 @@ def plan(gm: fx.GraphModule) -> Plan:
     """Find every quantizable layer of ``gm`` (shapes must be in ``node.meta``) and its fused
     activation; list what was left alone and why."""
     sites, skipped = [], []
-    calls: Dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    shared = shared_weights(gm)  # quantizing one use of a shared tensor would untie it
     for node in gm.graph.nodes:
         kind = next((k for k, (match, _) in QUANTIZABLE.items() if match(gm, node)), None)
         if kind is None:
             continue
         name = _site_name(node)
         try:
-            if node.op == "call_module" and calls[node.target] > 1:
-                raise _NotHere(f"module called {calls[node.target]} times (shared weights)")
+            if node.op == "call_module" and node.target in shared:
+                raise _NotHere(shared[node.target])
             if kind == "matmul":
                 inputs = tuple(a for a in node.args[:2])
                 if len(inputs) != 2 or not all(isinstance(a, fx.Node) and _is_float_tensor(a) for a in inputs):
@@ -258,7 +257,8 @@ def plan(gm: fx.GraphModule) -> Plan:
             if not _is_float_tensor(node):
                 raise _NotHere("its output is not a float tensor")
         except _NotHere as e:
-            skipped.append(f"{name} stays float: {e}")
+            if f"{name} stays float: {e}" not in skipped:  # a module called twice: said once
+                skipped.append(f"{name} stays float: {e}")
             continue
         act = next(iter(node.users)) if len(node.users) == 1 else None
         act_kind = _activation_kind(gm, act) if act is not None else None

@@ -245,3 +245,48 @@ def test_tensors_in_the_report_do_not_alias_the_callers():
     x.add_(1)  # the caller reuses their tensor
     out = opt(torch.zeros(1, 3, 8, 8))
     assert out.shape == (1, 4)
+
+
+class TiedConvs(nn.Module):
+    """Two convs holding one weight tensor (tied weights), and a block called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.twice = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.twice(self.twice(self.b(torch.relu(self.a(x))))))
+
+
+@pytest.mark.parametrize("passes", [["fuse_conv_bn"], [("prune_channels", {"ratio": 0.5})],
+                                    [("separable_conv", {"measure": False, "max_error": 10.0})]])
+def test_shared_weights_stay_shared_or_the_layer_is_refused_with_the_reason(passes):
+    model = TiedConvs().eval()
+    opt = graphopt.optimize(model, passes, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+    gm = opt.graph_module
+    assert gm.get_submodule("a").weight is gm.get_submodule("b").weight  # still tied
+    rec = opt.report.records[0]
+    if passes[0][0] == "prune_channels":
+        assert gm.get_submodule("a").weight.shape == (8, 8, 3, 3)
+        assert "tied weights): cutting it would change every use" in " ".join(rec.messages), rec.messages
+
+
+def test_an_eval_fn_that_raises_on_the_original_is_the_callers_error():
+    def broken(model):
+        raise KeyError("labels")
+
+    with pytest.raises(InvalidArgumentError, match=r"eval_fn raised on the original model, before any pass ran: KeyError"):
+        graphopt.optimize(Counted().eval(), ["fuse_conv_bn"], example_inputs=X, progress=False, eval_fn=broken)
+
+
+def test_a_target_that_cannot_compile_here_is_refused_before_work():
+    bad = graphopt.get_target("arm").replace(name="arm-no-toolchain", cross_compiler="aarch64-no-such-g++")
+    refused_before_work(graphopt.TargetError, r"needs aarch64-no-such-g\+\+, which is not installed", target=bad)
+    unknown_cpu = graphopt.get_target("x86").replace(name="x86-imaginary", tvm_target={"kind": "llvm", "mcpu": "pentium9"})
+    refused_before_work(graphopt.TargetError, r"LLVM does not know mcpu 'pentium9'", target=unknown_cpu)

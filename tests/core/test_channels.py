@@ -1,6 +1,8 @@
 """Channel dependency analysis: the groups found on the zoo and on each pattern, index mappings,
 what is refused and why. Pruning soundness (cutting a class == zeroing its consumers) is tested
 in test_prune_channels.py."""
+import operator
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 
 import graphopt
 import zoo
-from graphopt.analysis.channels import Unsupported, analyze_channels, register_channel_rule
+from graphopt.analysis.channels import Unsupported, analyze_channels, cut, register_channel_rule
 from graphopt.layer_registry import unregister_layer
 
 
@@ -165,16 +167,36 @@ def test_literal_sizes_splitting_the_channels_are_refused():
 
 
 class Slice(nn.Module):
-    def __init__(self):
+    def __init__(self, index):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 2, 1)
+        self.a, self.b, self.index = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 2, 1), index
 
     def forward(self, x):
-        return self.b(self.a(x)[:, :4, 1:])
+        return self.b(self.a(x)[self.index])
 
 
-def test_slicing_the_channel_dim_freezes_with_the_reason():
-    _, a = analyze(Slice(), 1, 3, 4, 4)
+def test_a_contiguous_channel_slice_maps_offsets_and_its_bounds_are_rewritten():
+    gm, a = analyze(Slice((slice(None), slice(2, 6), slice(1, None))), 1, 3, 4, 4)
+    read = group_with(a, "b", "in")
+    unread = [g for g in a.groups_of("a") if g is not read and "a" in g.producers()]
+    assert read.producers() == ["a"] and read.prunable and not a.unknown
+    assert [int(i[0]) for i in read.index["param:a.weight:0"]] == [2, 3, 4, 5]
+    assert sorted(int(i[0]) for g in unread for i in g.index["param:a.weight:0"]) == [0, 1, 6, 7]
+    assert all(g.prunable and g.consumers() == [] for g in unread)  # read by nothing: may go too
+    before = next(g for g in unread if int(g.index["param:a.weight:0"][0][0]) == 0)
+    removed = {}
+    for g in (read, before):  # a's channels 2 (read) and 0 (not)
+        for k in g.spaces:
+            removed[k] = np.concatenate([removed.get(k, np.zeros(0, int)), g.index[k][0]])
+    cut(gm, a, removed, (torch.randn(1, 3, 4, 4),))
+    getitem = next(n for n in gm.graph.nodes if n.target is operator.getitem)
+    assert getitem.args[1][1] == slice(1, 4)  # a's channels 3, 4, 5 are now 1, 2, 3
+
+
+@pytest.mark.parametrize("index", [(slice(None), slice(None, None, 2)), (slice(None), [1, 0, 3, 2])],
+                         ids=["step", "reorder"])
+def test_selecting_or_reordering_the_channels_freezes_with_the_reason(index):
+    _, a = analyze(Slice(index), 1, 3, 4, 4)
     g = group_with(a, "a")
     assert not g.prunable and "selects or reorders along a channel dim" in g.reason
     assert "getitem" in a.unknown
@@ -361,18 +383,10 @@ def test_contiguous_inside_a_shuffle_keeps_the_mapping():
     assert [list(i) for i in group_with(a, "a").index["param:a.weight:0"]] == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """ConvNeXt's: traced into F.layer_norm on a channels-last view, parameters read by get_attr."""
-
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
-
-
 class ScaledBlock(nn.Module):
     def __init__(self, c=8):
         super().__init__()
-        self.a, self.norm, self.b, self.out = nn.Conv2d(3, c, 1), LayerNorm2d(c), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, 2, 1)
+        self.a, self.norm, self.b, self.out = nn.Conv2d(3, c, 1), zoo.LayerNorm2d(c), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, 2, 1)
         self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
 
     def forward(self, x):

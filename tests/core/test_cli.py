@@ -41,6 +41,7 @@ def test_passes_lists_options():
     out = graphopt_cli("passes")
     assert out.returncode == 0
     assert "fuse_conv_bn (exact): Fold BatchNorm" in out.stdout and "dce (exact)" in out.stdout
+    assert "merge_branches (exact): Merge parallel convs" in out.stdout
 
 
 def test_optimize_file_factory_with_report_and_out(model_file, tmp_path):

@@ -11,7 +11,7 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 MODULES = ["graphopt", "graphopt.api", "graphopt.capture", "graphopt.pass_registry", "graphopt.manager",
            "graphopt.analysis.graphview", "graphopt.models.reference", "graphopt.target_protocol",
            "graphopt.batches", "graphopt.analysis.sharing", "graphopt.errors", "graphopt.layer_registry",
-           "graphopt.arguments"]
+           "graphopt.arguments", "graphopt.analysis.channels.blockers"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -30,3 +30,11 @@ def test_writing_passes_example_runs():
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU6())
     opt = graphopt.optimize(m, ["swap_relu6"], example_inputs=(torch.randn(1, 3, 8, 8),))
     assert opt.report.records[0].status == "applied" and opt.report.records[0].nodes_removed == ["_1"]
+
+
+def test_merge_branches_example_runs(capsys):
+    text = open(os.path.join(DOCS, "merge_branches.md")).read()
+    code, = re.findall(r"```python\n(.*?)```", text, re.S)
+    exec(compile(code, "merge_branches.md", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    assert printed == re.search(r"# (\[.*\])", code).group(1)

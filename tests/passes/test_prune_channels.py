@@ -4,6 +4,7 @@ Soundness: cutting classes of a group must give exactly the model in which the c
 those channels ignore them (their input weights zeroed); anything else means a channel rule
 tied the wrong channels, or the surgery sliced the wrong ones.
 """
+import json
 import copy
 import types
 
@@ -85,6 +86,28 @@ def test_zoo_ratio_half_cuts_macs_and_keeps_shapes(zoo_model):
 
 def test_zoo_cutting_equals_zeroing_the_consumers(zoo_model):
     name, model, inputs = zoo_model
+    assert_sound(graphopt.capture(model, inputs), inputs)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.TIMM_PATTERNS))
+def test_timm_patterns_ratio_03_cut_at_least_15_percent_and_keep_shapes(name):
+    """Issue 12's bar for timm's models, on their patterns."""
+    model, inputs = zoo.build(name)
+    opt = prune(model, inputs, ratio=0.3)
+    rec = opt.report["prune_channels"]
+    assert 1 - rec.macs_after / rec.macs_before >= 0.15, rec.messages
+    with torch.no_grad():
+        assert opt(*inputs).shape == model(*inputs).shape and torch.isfinite(opt(*inputs)).all()
+
+
+#: per-channel patterns: cutting equals zeroing (norms over several channels and ECA's window
+#: mix channels, so for "norms" and "gates" pruning is an approximation by design)
+EXACT_PATTERNS = ["csp_dpn", "ghost_rex", "mixnet", "mobilenetv3", "split_attn"]
+
+
+@pytest.mark.parametrize("name", EXACT_PATTERNS)
+def test_timm_patterns_cutting_equals_zeroing_the_consumers(name):
+    model, inputs = zoo.build(name)
     assert_sound(graphopt.capture(model, inputs), inputs)
 
 
@@ -427,3 +450,44 @@ def test_docstring_examples():
 
     result = doctest.testmod(prune_channels, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def mystery(x):
+    """An op graphopt has no channel rule for (fx keeps it as one call)."""
+    return x * torch.sigmoid(x)
+
+
+torch.fx.wrap("mystery")
+
+
+class Locked(nn.Module):
+    """Every conv output goes through `mystery`: nothing can be cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, 32, 3, padding=1) for c in (3, 32, 32))
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = mystery(conv(x))
+        return self.head(x)
+
+
+def test_a_cut_far_below_the_request_warns_naming_the_blockers():
+    opt = prune(Locked(), (torch.randn(1, 3, 16, 16),), ratio=0.5)
+    rec = opt.report["prune_channels"]
+    assert len(rec.warnings) == 1, rec.warnings
+    w = rec.warnings[0]
+    assert "cut 0.0% of the MACs where ratio 0.5 asks for about 50%" in w
+    first = w.split(" | ")[0]  # the heaviest blocker first, with its remedy
+    assert "(test_prune_channels.mystery), which has no channel rule" in first and "register_channel_rule" in first
+    assert "locks 3 layer(s) (convs.0, convs.1, convs.2)" in first
+    assert "WARNING: cut 0.0%" in opt.report.to_text() and "(!)" in opt.report.to_text()
+    assert 'class="warning"' in opt.report.to_html()
+    assert json.loads(opt.report.to_json())["records"][0]["warnings"] == rec.warnings
+
+
+def test_a_cut_close_to_the_request_does_not_warn():
+    model, x = zoo.build("residual")
+    assert prune(model, x, ratio=0.3).report["prune_channels"].warnings == []

@@ -238,3 +238,18 @@ def test_concurrent_writers_leave_a_readable_database(first_run, x86, tmp_path):
         assert p.exitcode == 0
     snap = TuningCache("k", root=tmp_path).snapshot(tmp_path / "snap")
     assert snap.records == 2 * 5 * n and snap.budgets == {"w": 4}
+
+
+def test_per_pass_latency_is_timed_tuned_and_the_artifact_reuses_it(x86):
+    """With tune_trials, every pass is timed with tuned schedules (issue 15: the artifact's own),
+    through the shared cache: the final compile then tunes nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    inputs = (torch.randn(1, 3, 8, 8),)
+    opt = graphopt.optimize(model, ["fuse_conv_bn"], target=x86, example_inputs=inputs, tune_trials=TRIALS,
+                            progress=False)
+    assert opt.report.latency_schedules.startswith("tuned") and f"tune_trials={TRIALS}" in opt.report.latency_schedules
+    record = opt.report["fuse_conv_bn"]
+    assert record.latency_ms_after > 0 and record.latency_spread_ms_after is not None
+    assert opt.report.compile["trials_run"] == 0 and opt.report.compile["cache_hits"] >= 1
+    opt.compiled.close()

@@ -1,5 +1,5 @@
 """Layer families that join or divide tensors: concat (input k's channel c is the output's
-channel offset_k + c) and split / chunk / unbind (the reverse)."""
+channel offset_k + c), split / chunk / unbind (the reverse), stack along another dim."""
 from __future__ import annotations
 
 import operator
@@ -105,3 +105,22 @@ def _split(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
 
 register_layer(torch.split, torch.chunk, torch.tensor_split, torch.unbind,
                "split", "chunk", "tensor_split", "unbind", "split_with_sizes", channels=_split)
+
+
+def _stack(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
+    """``torch.stack(xs, dim)`` along a new dim: channel c of every input is channel c of the
+    output, whose channel dim moves one up when the new dim comes before it."""
+    tensors = arg(node, 0, "tensors")
+    ndim = len(rc.shape(node))
+    dim = norm_dim(rc.value(arg(node, 1, "dim", 0)), ndim)
+    srcs = [rc.input(t) for t in tensors]
+    dims = {s.dim for s in srcs if s is not None}
+    if len(dims) != 1 or any(s is None for s in srcs):
+        raise Unsupported("stacks tensors whose channels differ or cannot change")
+    dc = dims.pop()
+    out = rc.new_space(dc + 1 if dim <= dc else dc)
+    for s in srcs:
+        rc.couple(s, np.arange(s.size), out, np.arange(out.size), "identity")
+
+
+register_layer(torch.stack, channels=_stack)

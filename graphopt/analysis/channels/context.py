@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..shapes import output_shape
-from .fxutil import norm_dim
+from .fxutil import norm_dim, resolve
 from .spaces import Chain, Coupling, Opaque, Resize, Space, Unsupported
 
 Recorded = Union[Space, Opaque, Chain]
@@ -93,7 +93,8 @@ class RuleContext:
         """
         got = self.channels_of(x)
         if isinstance(got, Chain):
-            raise Unsupported(f"its input `{x.name}` has its channels spread over several dims")
+            raise Unsupported(f"its input `{x.name}` has its channels spread over several dims (an "
+                              "attention-style regrouping the analysis does not follow through this op)")
         return got if isinstance(got, Space) else None
 
     def input_or_opaque(self, x: Any) -> Optional[Space]:
@@ -111,17 +112,12 @@ class RuleContext:
 
     def value(self, a: Any) -> Any:
         """The concrete value of an argument: literals as they are, shape arithmetic evaluated."""
-        if isinstance(a, fx.Node):
-            if a.name not in self._values:
-                raise Unsupported(f"the value of `{a.name}` is not known statically")
-            return self._values[a.name]
-        if isinstance(a, (list, tuple)):
-            return type(a)(self.value(v) for v in a)
-        if isinstance(a, slice):
-            return slice(self.value(a.start), self.value(a.stop), self.value(a.step))
-        if isinstance(a, dict):
-            return {k: self.value(v) for k, v in a.items()}
-        return a
+        def known(n: fx.Node) -> Any:
+            if n.name not in self._values:
+                raise Unsupported(f"the value of `{n.name}` is not known statically")
+            return self._values[n.name]
+
+        return resolve(a, known)
 
     def expect_dim(self, src: Optional[Space], dim: int, what: str) -> None:
         """Unsupported unless ``src`` (when known) has its channels in ``dim``."""

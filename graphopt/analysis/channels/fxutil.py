@@ -3,7 +3,7 @@ rules may use them too)."""
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.fx as fx
@@ -56,6 +56,20 @@ def arg_shape(node: fx.Node, i: int = 0):
     """The shape of tensor argument ``i``, or None."""
     a = node.args[i] if len(node.args) > i else None
     return output_shape(a) if isinstance(a, fx.Node) else None
+
+
+def resolve(a: Any, lookup: Callable[[fx.Node], Any]) -> Any:
+    """The concrete value of an argument: literals as they are, nodes through ``lookup``, inside
+    lists, tuples, slices and dicts too."""
+    if isinstance(a, fx.Node):
+        return lookup(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(resolve(v, lookup) for v in a)
+    if isinstance(a, slice):
+        return slice(resolve(a.start, lookup), resolve(a.stop, lookup), resolve(a.step, lookup))
+    if isinstance(a, dict):
+        return {k: resolve(v, lookup) for k, v in a.items()}
+    return a
 
 
 def describe(node: fx.Node, module: Optional[nn.Module] = None) -> str:

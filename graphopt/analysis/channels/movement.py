@@ -5,7 +5,9 @@ The generic rule does not guess: it replays the op on a *probe*, a tensor holdin
 position the channel found there, and reads the mapping off the result (a flatten gives blocks
 of H*W features per channel, a permute moves the channel dim). A view that spreads the channels
 over several dims (``(n, g, c // g, h, w)`` in a channel shuffle) becomes a :class:`Chain`
-until a later view gathers them again.
+until a later view gathers them again. A contiguous slice of the channels (GhostNet's
+``out[:, :self.out_chs]``, ReXNet's and DPN's ``x[:, :c]`` / ``x[:, c:]``) maps offsets, as a
+split does, and its bounds are rewritten after a cut.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ _COMPUTED = {
 #: ops that select along a dim: they must leave every channel dim whole
 _SELECTING = {"__getitem__", "narrow", "roll", operator.getitem, torch.narrow, torch.roll}
 _UNFLATTEN = {"unflatten", torch.unflatten, nn.Unflatten}
+_SELECTS = "it selects or reorders along a channel dim"
 
 
 def _varies(p: torch.Tensor, d: int) -> bool:
@@ -85,6 +88,27 @@ def _shape_args(rc: RuleContext, node: fx.Node) -> Tuple[List[Any], List[Optiona
     return args, [base + (start + i,) for i in range(len(args))]
 
 
+def _shape_read(rc: RuleContext, size: Any) -> Optional[Tuple[Space, str]]:
+    """The channel space whose count a size argument reads at run time (``t.shape[k]``,
+    ``t.size(k)``, ``B, N, C = t.shape``), when dim ``k`` of ``t`` carries channels."""
+    if not isinstance(size, fx.Node):
+        return None
+    t, k = None, None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        t, k = size.args
+    elif size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[1], int):
+        shape = size.args[0]
+        if isinstance(shape, fx.Node) and (
+                (shape.op == "call_function" and shape.target is getattr and shape.args[1:] == ("shape",))
+                or (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)):
+            t, k = shape.args[0], size.args[1]
+    got = rc.channels_of(t) if isinstance(t, fx.Node) and isinstance(k, int) else None
+    ndim = len(rc.shape(t) or ()) if isinstance(t, fx.Node) else 0
+    if isinstance(got, Space) and ndim and norm_dim(k, ndim) == got.dim:
+        return got, t.name
+    return None
+
+
 def _set_arg(node: fx.Node, loc: tuple, value: int) -> None:
     args = list(node.args)
     if len(loc) == 2:
@@ -118,6 +142,71 @@ def _run_movement(rc: RuleContext, node: fx.Node, module: Optional[nn.Module], p
         raise Unsupported(f"could not replay it on a channel map: {e}") from None
 
 
+def _index_element(index: Any, ndim: int, dim: int) -> Optional[int]:
+    """Position in a ``getitem`` index tuple of the element that indexes input dim ``dim``."""
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    at = 0
+    for i, e in enumerate(index):
+        if e is Ellipsis:
+            at += ndim - consumed
+        elif e is not None:
+            if at == dim:
+                return i
+            at += 1
+    return None
+
+
+def channel_slice(rc: RuleContext, node: fx.Node, src: Space, probe: torch.Tensor) -> bool:
+    """``x[:, a:b]`` or ``x.narrow(1, a, b - a)``: output channel j is input channel a + j; the
+    channels before a and from b on are pieces this op does not read (as for an unused split
+    output), so they may be cut too; the bounds are rewritten from the pieces' new sizes.
+
+    ``probe`` is the op replayed on the input's channel numbers. Returns False when the op
+    keeps every channel (it only slices other dims).
+    """
+    varying = [d for d in range(probe.dim()) if _varies(probe, d)]
+    if len(varying) != 1:
+        return False
+    d = varying[0]
+    ids = _along(probe, d)
+    lo, hi = int(ids[0]), int(ids[0]) + len(ids)
+    if (lo, hi) == (0, src.size):
+        return False
+    if not np.array_equal(ids, np.arange(lo, hi)):
+        raise Unsupported(_SELECTS)
+    ndim = len(rc.shape(node.args[0]))
+    if node.target == "narrow" or node.target is torch.narrow:
+        if len(node.args) != 4 or node.kwargs or norm_dim(rc.value(node.args[1]), ndim) != src.dim:
+            raise Unsupported(_SELECTS)
+        loc = None
+    else:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        loc = _index_element(index, ndim, src.dim)
+        e = index[loc] if loc is not None else None
+        if not isinstance(e, slice) or rc.value(e).indices(src.size) != (lo, hi, 1):
+            raise Unsupported(_SELECTS)
+    out = rc.new_space(d)
+    before = rc.piece_space("before", lo, src.dim) if lo else None
+    after = rc.piece_space("after", src.size - hi, src.dim) if hi < src.size else None
+    for piece, offset in ((before, 0), (out, lo), (after, hi)):
+        if piece is not None:
+            rc.couple(src, offset + np.arange(piece.size), piece, np.arange(piece.size), "offset",
+                      f"offset {offset}")
+
+    def rewrite(n: fx.Node, new_size: Callable[[Space], int]) -> None:
+        start = int(new_size(before)) if before is not None else 0
+        stop = start + int(new_size(out))
+        if loc is None:  # narrow(x, dim, start, length)
+            n.args = (n.args[0], n.args[1], start, stop - start)
+            return
+        index = list(n.args[1]) if isinstance(n.args[1], tuple) else [n.args[1]]
+        index[loc] = slice(start or None, stop if after is not None else None, None)
+        n.args = (n.args[0], tuple(index) if isinstance(n.args[1], tuple) else index[0])
+
+    rc.on_resize(rewrite)
+    return True
+
+
 def _computed_adapts(rc, node, module, shape_in, adapts_in, check_identity_dims=()) -> Tuple[bool, ...]:
     """Which output dims follow the input's channel count, found by replaying the op on one
     probe per input dim; also checks that the op keeps ``check_identity_dims`` whole."""
@@ -131,7 +220,7 @@ def _computed_adapts(rc, node, module, shape_in, adapts_in, check_identity_dims=
         if k in check_identity_dims:
             d = images[k]
             if len(d) != 1 or p.shape[d[0]] != size or not np.array_equal(_along(p, d[0]), np.arange(size)):
-                raise Unsupported("it selects or reorders along a channel dim")
+                raise Unsupported(_SELECTS)
     adapts = []
     for d in range(len(out_shape)):
         pre = [k for k, ds in images.items() if d in ds]
@@ -139,13 +228,41 @@ def _computed_adapts(rc, node, module, shape_in, adapts_in, check_identity_dims=
     return tuple(adapts)
 
 
+def _parameter_channels(rc: RuleContext, x: fx.Node) -> Optional[Space]:
+    """A per-channel parameter read with ``get_attr`` and reshaped to broadcast (ConvNeXt's
+    ``gamma.reshape(1, -1, 1, 1)``, ``weight[:, None, None]``): its one dim longer than 1 is
+    a param space, followed through the view like a tensor's channels."""
+    shape = rc.shape(x)
+    if x.op != "get_attr" or shape is None:
+        return None
+    long = [d for d, n in enumerate(shape) if n > 1]
+    return rc.attr_space(x, long[0], "channel") if len(long) == 1 else None
+
+
 def _movement(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
+    key = node.target if node.op != "call_module" else type(module)
+    # sizes read from another tensor's channel count at run time (EdgeNeXt's `B, N, C = x.shape`
+    # then `y.reshape(B, N, C)`): that count must follow this op's output, or stay as it is
+    reads = {}
+    if key in _EXPLICIT:
+        reads = {d: r for d, size in enumerate(_shape_args(rc, node)[0])
+                 if (r := _shape_read(rc, size)) is not None}
+    try:
+        _movement_rule(rc, node, module, key, reads)
+    finally:
+        for read, name in reads.values():  # the ones not coupled to the output below
+            rc.freeze(read, f"its channel count is read from `{name}`'s shape by `{node.name}`, "
+                            "which cannot follow a cut")
+
+
+def _movement_rule(rc: RuleContext, node: fx.Node, module: Optional[nn.Module], key: Any,
+                   reads: Dict[int, Tuple[Space, str]]) -> None:
     x = node.args[0]
     got = rc.channels_of(x)
     in_shape = rc.shape(x)
     if isinstance(got, Chain):
         start, probe_in, adapts_in = got.start, got.probe, got.adapts
-    elif isinstance(got, Space):
+    elif isinstance(got, Space) or (got := _parameter_channels(rc, x)) is not None:
         start, probe_in, adapts_in = got, _index_probe(in_shape, got.dim), (True,) * len(in_shape)
     else:
         rc.opaque(rc.reason(x))
@@ -153,7 +270,8 @@ def _movement(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> No
     p = _run_movement(rc, node, module, probe_in)
     if tuple(p.shape) != tuple(rc.shape(node) or ()):
         raise Unsupported(f"replayed shape {tuple(p.shape)} differs from the recorded one")
-    key = node.target if node.op != "call_module" else type(module)
+    if key in _SELECTING and isinstance(got, Space) and not got.is_param and channel_slice(rc, node, got, p):
+        return
     locations: List[Optional[tuple]] = [None] * p.dim()
     if key in _EXPLICIT:
         sizes, locations = _shape_args(rc, node)
@@ -185,6 +303,13 @@ def _movement(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> No
             "permutation" if len(ids) == start.size else "block")
         rc.couple(out, np.arange(out.size), start, ids, kind,
                   f"{out.size} features from {start.size} channels" if kind == "block" else "")
+        read = reads.pop(d, None)
+        if read is not None and read[0] is not start and read[0].size == out.size:
+            # both counts must stay equal: cut together
+            rc.couple(out, np.arange(out.size), read[0], np.arange(out.size), "same-count",
+                      f"its channel count is read from `{read[1]}`'s shape")
+        elif read is not None and read[0] is not start:
+            reads[d] = read
         if not adapts[d]:
             loc = locations[d]
             if loc is None:

@@ -46,10 +46,14 @@ register_layer(
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt,
     torch.neg, torch.square, torch.erf, torch.clamp, torch.clip, torch.softmax, torch.log_softmax,
     torch.nn.functional.relu_, torch.relu_, torch.nan_to_num, torch.sign, torch.reciprocal,
+    torch.clamp_min, torch.clamp_max, F.hardtanh_, F.leaky_relu_, F.elu_, operator.neg,
+    operator.pos,
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "sqrt", "rsqrt",
     "neg", "square", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "softmax", "log_softmax",
     "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu", "detach", "clone",
-    "contiguous", "requires_grad_", "sign", "reciprocal", "nan_to_num", "erf",
+    "contiguous", "requires_grad_", "sign", "reciprocal", "nan_to_num", "erf", "exp_", "neg_",
+    "abs_", "sqrt_", "rsqrt_", "reciprocal_", "square_", "erf_", "hardtanh_", "clamp_min_",
+    "clamp_max_",
     # by qualified name: packages the core does not import (identity in eval, a per-sample
     # or per-element mask in training: never mixes channels)
     "torchvision.ops.stochastic_depth.stochastic_depth",
@@ -91,10 +95,29 @@ register_layer(
     torch.avg_pool1d, torch.adaptive_avg_pool1d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample,
     F.upsample_nearest, F.upsample_bilinear,
-    nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
-    nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, F.pad,
     channels=_same_channels,
 )
+
+
+def _pad(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
+    """Padding (timm's "same" padding: ``F.pad`` before a conv) keeps channel c as channel c
+    when it pads other dims only; padding (or cropping, with negative pads) the channel dim
+    shifts or adds channels no layer produces, so it is refused."""
+    src = rc.input_or_opaque(node.args[0])
+    if src is None:
+        return
+    pad = module.padding if module is not None else rc.value(arg(node, 1, "pad"))
+    ndim = len(rc.shape(node))
+    for i in range(len(pad) // 2):
+        if ndim - 1 - i == src.dim and (pad[2 * i] or pad[2 * i + 1]):
+            raise Unsupported(f"it pads its channel dim {src.dim} by {tuple(pad[2 * i:2 * i + 2])}")
+    rc.identity(src)
+
+
+register_layer(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+               nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+               nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
+               nn.CircularPad2d, nn.CircularPad3d, F.pad, channels=_pad)
 
 
 # ---- element-wise ops with several tensors -------------------------------------------------

@@ -97,6 +97,8 @@ class ChannelAnalysis:
             (edges with ``kind``, ``node`` and ``detail``).
         unknown: node name -> why the analysis did not understand it (its channels are frozen).
         resizes: (node, fn) pairs: argument rewrites to apply when channel counts change.
+        notes: what :func:`cut` rewrote that a reader should know (a shape assert on a channel
+            count updated or removed), filled by the cut.
     """
 
     gm: fx.GraphModule
@@ -106,6 +108,7 @@ class ChannelAnalysis:
     graph: nx.MultiGraph
     unknown: Dict[str, str]
     resizes: List[Tuple[fx.Node, Resize]]
+    notes: List[str] = dataclasses.field(default_factory=list)
 
     def prunable_groups(self) -> List[ChannelGroup]:
         return [g for g in self.groups if g.prunable and g.size > 1]
@@ -139,8 +142,11 @@ def cut(gm: fx.GraphModule, analysis: ChannelAnalysis, removed: Dict[str, np.nda
     """Remove channels ``removed[space key]`` everywhere; returns each space's new size.
 
     Every module with a cut parameter gets sliced parameters and buffers, then its layer
-    family's ``resize`` sets its size attributes; argument rewrites (split sizes, literal view
-    sizes) are applied; then shapes are propagated again and every node's channel count is
+    family's ``resize`` sets its size attributes (also for a module the graph only reads
+    parameters of, such as timm's ``BatchNormAct2d`` traced into ``F.batch_norm``, so that its
+    ``num_features`` says what it holds); argument rewrites (split sizes, literal view sizes,
+    slice bounds, shape asserts) are applied, and what they report is added to
+    ``analysis.notes``; then shapes are propagated again and every node's channel count is
     checked against the plan.
 
     Raises:
@@ -158,9 +164,12 @@ def cut(gm: fx.GraphModule, analysis: ChannelAnalysis, removed: Dict[str, np.nda
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name, cuts in by_module.items():
         m = gm.get_submodule(name)
-        # a module the graph only reads parameters of (get_attr) keeps its attributes: the
-        # graph's own arguments were rewritten instead
-        resize = LAYERS.for_type(type(m), "resize") if name in called else _no_resize
+        # a module the graph only reads parameters of (get_attr): the graph's own arguments
+        # were rewritten; its attributes are fixed when its family knows how
+        if name in called:
+            resize = LAYERS.for_type(type(m), "resize")
+        else:
+            resize = LAYERS.for_type(type(m), "resize", called=False) or _no_resize
         if resize is None:
             raise TypeError(f"cannot resize `{name}` ({type(m).__name__}) after a cut: its layer family "
                             f"has no resize part; register one with graphopt.register_layer"
@@ -175,7 +184,9 @@ def cut(gm: fx.GraphModule, analysis: ChannelAnalysis, removed: Dict[str, np.nda
                 setattr(m, param, sliced)
         resize(m, old)
     for node, fn in analysis.resizes:
-        fn(node, lambda s: new_size[s.key])
+        note = fn(node, lambda s: new_size[s.key])
+        if isinstance(note, str):
+            analysis.notes.append(note)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, example_inputs)

@@ -81,5 +81,6 @@ class Chain:
 
 
 #: ``fn(node, new_size)``: rewrite ``node``'s arguments after a cut (``new_size(space)`` is the
-#: space's new channel count), e.g. split sizes or a literal ``view`` size.
-Resize = Callable[[fx.Node, Callable[[Space], int]], None]
+#: space's new channel count), e.g. split sizes or a literal ``view`` size. It may return a
+#: sentence for the report when the rewrite changes what the model checks (an assert).
+Resize = Callable[[fx.Node, Callable[[Space], int]], Optional[str]]

@@ -11,7 +11,7 @@ import builtins
 import dataclasses
 import math
 import operator
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import networkx as nx
 import torch
@@ -21,7 +21,7 @@ from ...errors import did_you_mean
 from ...layer_registry import LAYERS
 from ..shapes import propagate_shapes
 from .context import RuleContext
-from .fxutil import arg, describe, is_tensor, is_tensor_tuple, tensor_inputs
+from .fxutil import arg, describe, is_tensor, is_tensor_tuple, resolve, tensor_inputs
 from .result import ChannelAnalysis
 from .solver import solve
 from .spaces import Opaque, Space, Unsupported
@@ -35,6 +35,48 @@ _VALUE_FNS = {getattr(operator, n) for n in (
     "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "getitem", "eq", "ne",
     "lt", "le", "gt", "ge")} | {builtins.getattr, builtins.len, builtins.int, math.prod,
                                 math.ceil, math.floor, builtins.max, builtins.min}
+
+
+class _NoValue(Exception):
+    """A node whose value cannot be computed from shapes alone."""
+
+
+_NOT_STATIC = (_NoValue, Unsupported, TypeError, ValueError, IndexError, KeyError, ZeroDivisionError)
+#: asserts on sizes: rechecked after a cut
+_ASSERTS = {torch._assert}
+
+
+def _compute(node: fx.Node, shape: Callable[[fx.Node], Tuple[int, ...]], value: Callable[[Any], Any]) -> Any:
+    """The value of a non-tensor node from tensor shapes (``shape``) and argument values."""
+    tgt, args = node.target, node.args
+    if node.op == "call_function" and tgt is builtins.getattr and is_tensor(args[0]):
+        if args[1] == "shape":
+            return torch.Size(shape(args[0]))
+        if args[1] == "ndim":
+            return len(shape(args[0]))
+    elif node.op == "call_method" and tgt == "size" and is_tensor(args[0]):
+        size = torch.Size(shape(args[0]))
+        d = arg(node, 1, "dim")
+        return size if d is None else size[value(d)]
+    elif node.op == "call_method" and tgt == "dim" and is_tensor(args[0]):
+        return len(shape(args[0]))
+    elif node.op == "call_function" and tgt in _VALUE_FNS and not tensor_inputs(node):
+        return tgt(*value(node.args), **value(node.kwargs))
+    raise _NoValue(node.name)
+
+
+def _reads_one_size(a: Any) -> bool:
+    """``x.shape[d]``, ``x.size(d)`` or ``x.size()[d]``: one size of a tensor, as it is."""
+    if not isinstance(a, fx.Node):
+        return False
+    if a.op == "call_method" and a.target == "size":
+        return arg(a, 1, "dim") is not None
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        src = a.args[0]
+        return type(a.args[1]) is int and (
+            (src.op == "call_function" and src.target is builtins.getattr and src.args[1] == "shape")
+            or (src.op == "call_method" and src.target == "size" and arg(src, 1, "dim") is None))
+    return False
 
 
 class _Walk(RuleContext):
@@ -64,26 +106,56 @@ class _Walk(RuleContext):
 
     def _value_node(self, node: fx.Node) -> None:
         """Evaluate non-tensor nodes (``x.shape[1] // 2``) from the recorded shapes."""
-        tgt, args = node.target, node.args
+        if node.op == "call_function" and node.target in _ASSERTS:
+            self._check_after_cut(node)
+            return
         try:
-            if node.op == "call_function" and tgt is builtins.getattr and is_tensor(args[0]):
-                if args[1] == "shape":
-                    self._values[node.name] = torch.Size(self.shape(args[0]))
-                elif args[1] == "ndim":
-                    self._values[node.name] = len(self.shape(args[0]))
-                return
-            if node.op == "call_method" and tgt == "size" and is_tensor(args[0]):
-                size = torch.Size(self.shape(args[0]))
-                d = arg(node, 1, "dim")
-                self._values[node.name] = size if d is None else size[self.value(d)]
-                return
-            if node.op == "call_method" and tgt == "dim" and is_tensor(args[0]):
-                self._values[node.name] = len(self.shape(args[0]))
-                return
-            if node.op == "call_function" and tgt in _VALUE_FNS and not tensor_inputs(node):
-                self._values[node.name] = tgt(*self.value(node.args), **self.value(node.kwargs))
-        except (Unsupported, TypeError, ValueError, IndexError, KeyError, ZeroDivisionError):
+            self._values[node.name] = _compute(node, self.shape, self.value)
+        except _NOT_STATIC:
             pass
+
+    def _check_after_cut(self, node: fx.Node) -> None:
+        """A shape assert (``_assert(x.shape[1] == 32)``) reads sizes, not values: it does not
+        constrain channels, but a cut may make it fail. After the cut it is evaluated again on
+        the new sizes; one that would fail is updated (``size == literal``: the literal becomes
+        the new size) or removed, and the cut's notes say which."""
+        cond = arg(node, 0, "condition")
+        if not isinstance(cond, fx.Node) or cond.name not in self._values:
+            return
+
+        def recheck(n: fx.Node, new_size: Callable[[Space], int]) -> Optional[str]:
+            memo: Dict[str, Any] = {}
+
+            def shape(t: fx.Node) -> Tuple[int, ...]:
+                dims, s = list(self.shape(t)), self.channels_of(t)
+                if isinstance(s, Space):
+                    dims[s.dim] = int(new_size(s))
+                return tuple(dims)
+
+            def after(a: Any) -> Any:
+                def lookup(v: fx.Node) -> Any:
+                    if v.name not in memo:
+                        memo[v.name] = _compute(v, shape, after)
+                    return memo[v.name]
+
+                return resolve(a, lookup)
+
+            try:
+                if after(cond):
+                    return None
+                literal = [i for i, v in enumerate(cond.args) if type(v) is int]
+                if cond.target is operator.eq and len(cond.args) == 2 and len(literal) == 1 \
+                        and _reads_one_size(cond.args[1 - literal[0]]):
+                    i = literal[0]
+                    was, now = cond.args[i], after(cond.args[1 - i])
+                    cond.args = (now, cond.args[1]) if i == 0 else (cond.args[0], now)
+                    return f"shape assert `{n.name}` updated: it compares a size with {now} now (was {was})"
+            except _NOT_STATIC:
+                pass
+            n.graph.erase_node(n)
+            return f"shape assert `{n.name}` removed: the sizes it checks change with the cut"
+
+        self.on_resize(recheck, node)
 
     def _is_size_query(self, node: fx.Node) -> bool:
         if node.op == "call_method":

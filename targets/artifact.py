@@ -334,6 +334,7 @@ class CompiledModel:
                 "trials_run": t.trials_run, "tasks": t.tasks, "tasks_tuned": t.tasks_tuned,
                 "cache_hits": t.cache_hits, "tuning_seconds": round(t.seconds, 2),
                 "build_seconds": self._manifest.get("build_seconds", 0.0),
+                "schedule_fallbacks": "; ".join(t.fallbacks) or "none",
                 **({"notes": "; ".join(self._manifest["notes"])} if self._manifest.get("notes") else {}),
                 "tuning": t.to_dict()}
 

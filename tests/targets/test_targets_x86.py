@@ -454,7 +454,7 @@ def test_emulated_latency_is_not_a_number(recwarn):
                                   "graphopt.targets.hostcpu", "graphopt.targets.lowering", "graphopt.targets.translations",
                                   "graphopt.targets.aten", "graphopt.targets.coverage",
                                   "graphopt.targets.layouts", "graphopt.targets.tuning",
-                                  "graphopt.targets.schedules"])
+                                  "graphopt.targets.schedules", "graphopt.targets.schedules.common"])
 def test_docstring_examples(name):
     import doctest
     import importlib

@@ -10,7 +10,7 @@ Example:
     ...                            "channels_after": 16, "latency_ms": 4.8, "spread_ms": 0.1,
     ...                            "accuracy": 0.97, "error": 0.1}}], "uniform": []}
     >>> print(search_lines(s)[1])
-      step  group  producers  channels  latency ms          accuracy  candidates
+      step  group  producers  channels  latency ms    accuracy  candidates
     >>> search_svg(s).startswith("<svg")
     True
 """

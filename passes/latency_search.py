@@ -190,6 +190,7 @@ class Search:
         self.teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(gm)
         self.batches = ctx.data_batches()
         self.judge = Judge(ctx, self.teacher)
+        self.start = copy.deepcopy(gm)  # what uniform pruning starts from, for the comparison
         self.current = gm
         self.latency = _timed(ctx, gm)
         self.start_ms = self.latency.median_ms
@@ -362,7 +363,7 @@ def latency_search(gm: fx.GraphModule, ctx: graphopt.PassContext, budget: Budget
     final_latency = _timed(ctx, final)
     uniform = []
     if budget.compare_uniform and search.steps:
-        from graphopt.passes.search_compare import uniform_points  # the comparison lives apart
+        from graphopt.passes.search_compare import uniform_points  # the comparison, apart
 
         uniform = uniform_points(search, final_latency.median_ms)
     _report(ctx, search, stop, final_latency, uniform)

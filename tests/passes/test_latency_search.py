@@ -139,7 +139,7 @@ def test_search_reaches_the_budget_within_max_drop_and_records_every_step():
     opt = graphopt.optimize(model, ["fuse_conv_bn"], target, example_inputs=x, calibration_data=batches,
                             eval_fn=agreement, progress=False,
                             budget=graphopt.Budget(latency=0.6, max_drop=0.1, step=0.15,
-                                                   recovery_batches=1, final_recovery=1))
+                                                   recovery_batches=1, final_recovery=1, compare_uniform=True))
     s = search_of(opt)
     assert s["stopped"] == "budget", s["stop_reason"]
     again = target.measure_latency(opt.graph_module, x)   # measured again, on the final graph
@@ -160,6 +160,12 @@ def test_search_reaches_the_budget_within_max_drop_and_records_every_step():
     page = opt.report.to_html()
     assert 'class="search-plot"' in page and page.count('class="step"') == len(kept) + 1
     assert 'class="final"' in page and 'class="budget"' in page
+    # uniform-ratio pruning, measured on the target, bisected towards the search's final latency
+    assert s["uniform"] and page.count('class="uniform"') == len(s["uniform"])
+    assert any(u["latency_ms"] <= s["final"]["latency_ms"] for u in s["uniform"])
+    assert all(u["latency_ms"] == pytest.approx(target.measure_latency(
+        graphopt.optimize(model, [("prune_channels", {"ratio": u["ratio"], "round_to": 4})], example_inputs=x,
+                          progress=False).graph_module, x)) for u in s["uniform"][:1])
     # the user's model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model[0].out_channels == 32

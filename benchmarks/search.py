@@ -35,7 +35,8 @@ def run(budget: float, args) -> dict:
         eval_fn=lambda m: evaluate_accuracy(m, "test", limit=args.limit), tune_trials=args.tune_trials,
         progress=not args.quiet, on_error="raise",
         budget=graphopt.Budget(latency=budget, max_drop=args.max_drop, step=args.step,
-                               recovery_batches=args.recovery_batches, final_recovery=args.final_recovery,
+                               recovery_batches=args.recovery_batches, recovery_lr=args.recovery_lr,
+                               final_recovery=args.final_recovery,
                                compare_uniform=True))
     s = opt.report["latency_search"].data["search"]
     opt.compiled.close()
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=float, default=0.1)
     p.add_argument("--max-drop", type=float, default=0.02)
     p.add_argument("--recovery-batches", type=int, default=4)
+    p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--final-recovery", type=int, default=3)
     p.add_argument("--no-docs", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -59,6 +59,10 @@ class Budget:
         max_steps: stop after this many steps even when the budget is not met.
         recovery_batches: distillation batches each candidate is recovered with before its
             accuracy is measured (0: none; candidates are judged as cut).
+        recovery_lr: the Adam learning rate of that short recovery: small, because a few steps
+            at ``distill``'s 1e-3 move every weight of a trained model by about that much
+            (measured on the Fashion-MNIST model: 4 batches recovering a mild cut took it from
+            92.0% to 89.1% at 1e-3, to 92.2% at 1e-4).
         final_recovery: distillation epochs over the calibration data after the last step
             (0: none).
         compare_uniform: also measure uniform-ratio pruning at the search's final latency and
@@ -71,6 +75,7 @@ class Budget:
     step: float = 0.1
     max_steps: int = 20
     recovery_batches: int = 4
+    recovery_lr: float = 1e-4
     final_recovery: int = 3
     compare_uniform: bool = False
 
@@ -95,6 +100,8 @@ class Budget:
                 f"Budget: step is the fraction of the latency each step cuts, in (0, 1) (e.g. 0.1), got {self.step!r}")
         _count("max_steps", self.max_steps, 1, "steps of the search")
         _count("recovery_batches", self.recovery_batches, 0, "distillation batches per candidate, 0: none")
+        if not _number("recovery_lr", self.recovery_lr) > 0:
+            raise InvalidArgumentError(f"Budget: recovery_lr must be > 0 (e.g. 1e-4), got {self.recovery_lr!r}")
         _count("final_recovery", self.final_recovery, 0, "distillation epochs after the search, 0: none")
         if not isinstance(self.compare_uniform, bool):
             raise InvalidArgumentError(f"Budget: compare_uniform must be True or False, got {self.compare_uniform!r}")

@@ -142,13 +142,14 @@ def output_error(gm: fx.GraphModule, teacher: fx.GraphModule, batches) -> float:
 
 
 def recover(gm: fx.GraphModule, ctx: graphopt.PassContext, teacher: fx.GraphModule, batches,
-            epochs: int) -> fx.GraphModule:
+            epochs: int, lr: Optional[float] = None) -> fx.GraphModule:
     """Distill ``gm`` from ``teacher`` in place with the registered ``distill`` pass, on a
     context of its own (its notes are not the search's, its bar stays silent)."""
     spec = graphopt.get_pass("distill")
     sub = dataclasses.replace(ctx, reference=teacher, calibration_data=list(batches), messages=[],
                               warnings=[], data={}, progress=no_progress)
-    options = spec.resolve_options({"epochs": epochs, "train_data": list(batches)})
+    options = spec.resolve_options({"epochs": epochs, "train_data": list(batches),
+                                    **({"lr": lr} if lr is not None else {})})
     return spec.instantiate(options)(gm, sub) or gm
 
 
@@ -251,7 +252,8 @@ class Search:
 
     def evaluate(self, cand: Candidate) -> None:
         if self.budget.recovery_batches:
-            recover(cand.gm, self.ctx, self.teacher, self.batches[:self.budget.recovery_batches], 1)
+            recover(cand.gm, self.ctx, self.teacher, self.batches[:self.budget.recovery_batches], 1,
+                    self.budget.recovery_lr)
         cand.accuracy, cand.error = self.judge(cand.gm)
 
     def choose(self, cands: List[Candidate]) -> Tuple[Optional[Candidate], List[Candidate]]:

@@ -31,7 +31,7 @@ def _uniform(search, ratio: float) -> Dict[str, Any]:
     from graphopt.passes.latency_search import recover  # the search's own recovery, shared
 
     if budget.recovery_batches:
-        recover(gm, ctx, search.teacher, search.batches[:budget.recovery_batches], 1)
+        recover(gm, ctx, search.teacher, search.batches[:budget.recovery_batches], 1, budget.recovery_lr)
     if budget.final_recovery:
         recover(gm, ctx, search.teacher, search.batches, budget.final_recovery)
     accuracy, error = search.judge(gm)

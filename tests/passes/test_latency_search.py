@@ -88,6 +88,7 @@ def search_of(opt):
     ({"latency": 0.5, "max_steps": 0}, "max_steps"),
     ({"latency": 0.5, "recovery_batches": -1}, "recovery_batches"),
     ({"latency": 0.5, "final_recovery": 1.5}, "final_recovery"),
+    ({"latency": 0.5, "recovery_lr": 0}, "recovery_lr"),
     ({"latency": 0.5, "compare_uniform": "yes"}, "compare_uniform"),
 ])
 def test_budget_fields_are_checked_when_made(kwargs, match):

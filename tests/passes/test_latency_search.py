@@ -146,6 +146,9 @@ def test_search_reaches_the_budget_within_max_drop_and_records_every_step():
     again = target.measure_latency(opt.graph_module, x)   # measured again, on the final graph
     assert again <= s["target_ms"] == pytest.approx(0.6 * s["start"]["latency_ms"])
     assert s["final"]["latency_ms"] == pytest.approx(again)
+    # the report's timing of the result is the search's (one timing cache per run), not a new one
+    assert opt.report["latency_search"].latency_ms_after == s["final"]["latency_ms"]
+    assert opt.report["latency_search"].latency_ms_before == s["start"]["latency_ms"]
     assert s["final"]["accuracy"] >= s["start"]["accuracy"] - 0.1
     assert opt.report.final.accuracy == pytest.approx(s["final"]["accuracy"])
     # every step: what changed, the latency measured, its accuracy; in the JSON, the text and the HTML

@@ -31,7 +31,9 @@ def search_lines(s: Dict[str, Any]) -> List[str]:
     """The search as text lines: the budget, one row per step, why it stopped, the final point."""
     start, final = s["start"], s["final"]
     lines = [f"latency search: {_f(start['latency_ms'])} ms -> budget {_f(s['target_ms'])} ms; "
-             f"final {_f(final['latency_ms'])} ms (noise {_f(final.get('spread_ms'), '.2g')} ms), "
+             f"final {_f(final['latency_ms'])} ms (noise {_f(final.get('spread_ms'), '.2g')} ms"
+             + (f", timed again {_f(final['retimed_ms'])} ms" if final.get("retimed_ms") is not None else "")
+             + "), "
              f"accuracy {_f(start.get('accuracy'))} -> {_f(final.get('accuracy'))}; stopped: {s['stop_reason']}"]
     rows = [["step", "group", "producers", "channels", "latency ms", "accuracy", "candidates"]]
     for st in s["steps"]:

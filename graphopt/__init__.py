@@ -14,6 +14,7 @@ from .analysis.metrics import count_macs, count_params, model_bytes, node_macs, 
 from .analysis.shapes import propagate_shapes
 from .analysis.sharing import shared_weights
 from .api import DEFAULT_PASSES, OptimizedModel, optimize
+from .budget import Budget
 from .batches import as_batches, batch_inputs, check_batch, check_batches
 from .capture import capture
 from .context import PassContext
@@ -27,7 +28,7 @@ from .manager import PassInstrument, PassManager, PassResult
 from .pass_registry import Option, PassSpec, check_module_names, get_pass, list_passes, register_pass
 from .report.record import PassRecord, Report
 from .registry import exported
-from .target_protocol import TargetCapabilities, TargetProtocol, capabilities_of
+from .target_protocol import Latency, TargetCapabilities, TargetProtocol, TimingCache, capabilities_of
 from .target_registry import get_target, list_targets, register_target
 
 __version__ = "0.1.0"

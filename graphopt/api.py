@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .batches import as_batches
+from .budget import Budget, check_budget
 from .capture import capture, normalize_inputs
 from .context import PassContext, default_progress, no_progress
 from .arguments import (
@@ -19,6 +20,7 @@ from .manager import PassInstrument, PassManager
 from .pass_registry import PassItem
 from .report.instrument import ReportInstrument
 from .report.record import Report
+from .target_protocol import capabilities_of
 from .target_registry import get_target
 
 log = logging.getLogger("graphopt")
@@ -96,6 +98,7 @@ def optimize(
     measure_latency: Optional[bool] = None,
     progress: bool = True,
     seed: int = 0,
+    budget: Optional[Budget] = None,
 ) -> OptimizedModel:
     """Capture ``model``, run ``passes`` with checks and a diff report, and compile for ``target``.
 
@@ -114,6 +117,10 @@ def optimize(
         measure_latency: time every applied pass on the target (default: when a target is given),
             with the schedules the artifact gets: with ``tune_trials``, each new graph is tuned
             through the shared cache first (layers tuned before are not tuned again).
+        budget: a :class:`graphopt.Budget`: after ``passes``, the ``latency_search`` pass shrinks
+            channel groups, measuring every candidate on ``target``, until the latency budget is
+            met within the accuracy budget (docs/latency_search.md). Needs a target that times
+            (not qemu), calibration data to recover on, and ``eval_fn`` for ``max_drop``.
 
     Example:
         >>> import torch, graphopt
@@ -126,6 +133,10 @@ def optimize(
     check_model(model)
     pipeline = check_passes(DEFAULT_PASSES if passes is None else passes)
     tgt = get_target(target) if target is not None else None
+    if budget is not None:  # before the target's own check: an emulated target is refused first
+        check_budget(budget, capabilities_of(tgt) if tgt is not None else None, check_eval_fn(eval_fn),
+                     calibration_data is not None)
+        pipeline.append(("latency_search", {"budget": budget}))
     if callable(getattr(tgt, "check", None)):
         tgt.check()  # a missing toolchain or an unknown CPU: said now, not after the passes
     check_tune_trials(tune_trials, tgt is not None)
@@ -148,7 +159,7 @@ def optimize(
     check_example_inputs(example)
     bar = default_progress if progress else no_progress
     ctx = PassContext(example_inputs=example, calibration_data=batches, eval_fn=eval_fn, target=tgt,
-                      seed=seed, logger=log, progress=bar)
+                      seed=seed, logger=log, progress=bar, tune_trials=tune_trials)
     manager = PassManager(pipeline, on_error=on_error, exact_tolerance=exact_tolerance, log=log)
     manager.tolerances = check_tolerances(tolerances, [step.spec.name for step in manager.steps])
     reporter = ReportInstrument(type(model).__name__, ctx.capabilities.name if tgt is not None else None)
@@ -161,7 +172,7 @@ def optimize(
     if caps is not None and (measure_latency or measure_latency is None):
         if caps.can_measure_latency:
             # timed with the schedules the artifact gets: tuned through the shared cache, or untuned
-            reporter.latency_fn = lambda g: caps.time(g, example, tune_trials)
+            reporter.latency_fn = ctx.time  # the run's timing cache, shared with the latency search
             reporter.latency_schedules = latency_schedules(tune_trials)
         elif measure_latency and caps.emulated:  # qemu timings say nothing about the device
             log.warning("%s runs under qemu emulation here: per-pass latency is not measured; give the "

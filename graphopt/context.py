@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import MissingInputError
-from .target_protocol import TargetCapabilities, capabilities_of
+from .target_protocol import Latency, TargetCapabilities, TimingCache, capabilities_of
 
 log = logging.getLogger("graphopt")
 
@@ -52,6 +52,10 @@ class PassContext:
         progress: progress-bar factory with tqdm's signature.
         messages: what the running pass reported with ``note()``; read by the report.
         warnings: what it reported with ``warn()``: the report shows them at warning level.
+        data: structured, JSON-serializable results of the running pass, stored in its report
+            record's ``data`` (the latency search puts its steps under ``"search"``).
+        tune_trials: the schedules every timing uses (``optimize``'s tune_trials).
+        timings: the run's timing cache: :meth:`time` and the report share it.
     """
 
     example_inputs: Tuple[torch.Tensor, ...] = ()
@@ -65,11 +69,23 @@ class PassContext:
     progress: Callable = default_progress
     messages: List[str] = dataclasses.field(default_factory=list)
     warnings: List[str] = dataclasses.field(default_factory=list)
+    data: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    tune_trials: Optional[int] = None
+    timings: TimingCache = dataclasses.field(default_factory=TimingCache)
 
     @property
     def capabilities(self) -> Optional[TargetCapabilities]:
         """The target's capabilities (documented defaults for what it leaves out); None without a target."""
         return capabilities_of(self.target) if self.target is not None else None
+
+    def time(self, gm: torch.fx.GraphModule) -> Optional[Latency]:
+        """``gm``'s latency on the target with the run's schedules (``tune_trials``); a graph with
+        the structure of one timed before in this run gets that timing. None when the target
+        cannot time (none given, no ``measure_latency``, or emulated)."""
+        caps = self.capabilities
+        if caps is None or not caps.can_measure_latency:
+            return None
+        return self.timings.time(caps, gm, self.example_inputs, self.tune_trials)
 
     def note(self, message: str) -> None:
         """Record a message for the current pass's report entry (e.g. why a layer was skipped)."""

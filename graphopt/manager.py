@@ -57,6 +57,7 @@ class PassResult:
     accuracy_after: Optional[float] = None
     messages: List[str] = dataclasses.field(default_factory=list)
     warnings: List[str] = dataclasses.field(default_factory=list)
+    data: Dict[str, Any] = dataclasses.field(default_factory=dict)
     exception: Optional[BaseException] = None
 
 
@@ -244,7 +245,7 @@ class PassManager:
 
     def _run_one(self, step, current, current_out, original_out, accuracy, ctx) -> Tuple[PassResult, Any]:
         spec = step.spec
-        ctx.messages, ctx.warnings = [], []
+        ctx.messages, ctx.warnings, ctx.data = [], [], {}
         if not spec.exact and ctx.reference is None:
             ctx.reference = copy.deepcopy(current)  # the teacher: a copy, so nothing can change `current`
             self._read_only.append(_ReadOnly(ctx, "reference"))
@@ -252,7 +253,7 @@ class PassManager:
             inst.run_before_pass(step, current, ctx)
         result = PassResult(step, FAILED, current, current, accuracy_before=accuracy,
                             accuracy_after=accuracy, messages=ctx.messages,
-                            warnings=ctx.warnings)
+                            warnings=ctx.warnings, data=ctx.data)
         candidate = copy.deepcopy(current)
         t0 = time.perf_counter()
         try:

@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, run
 from .errors import InvalidArgumentError
 
 __all__ = ["ACTIVATION_DTYPES", "DEFAULTS", "Latency", "TargetCapabilities", "TargetProtocol",
-           "capabilities_of", "check_target"]
+           "TimingCache", "capabilities_of", "check_target"]
 
 log = logging.getLogger("graphopt")
 
@@ -139,6 +139,47 @@ class TargetCapabilities:
         if stats is None:
             return None
         return Latency(float(stats.median_ms), float(stats.p90_ms - stats.p10_ms), bool(tune_trials))
+
+
+class TimingCache:
+    """Timings by structure signature (code, shapes, dtypes, zeros: ``graphopt.analysis.signature``),
+    so a graph with the structure of one timed before is not built and timed again: its latency
+    is the same, and a second timing would only add the machine's noise. One cache serves a whole
+    ``optimize`` run (the report and the latency search share it, through ``PassContext.time``).
+
+    Attributes:
+        measured: timings taken on the target.
+        reused: timings answered from the cache.
+
+    Example:
+        >>> import torch, torch.fx as fx
+        >>> class Fake:
+        ...     def compile(self, gm, example_inputs, **kw): return gm
+        ...     def measure_latency(self, gm, example_inputs): return 1.0
+        >>> cache, caps = TimingCache(), capabilities_of(Fake())
+        >>> x = (torch.randn(1, 4),)
+        >>> a, b = fx.symbolic_trace(torch.nn.Linear(4, 2)), fx.symbolic_trace(torch.nn.Linear(4, 2))
+        >>> cache.time(caps, a, x).median_ms, cache.time(caps, b, x).median_ms, cache.measured, cache.reused
+        (1.0, 1.0, 1, 1)
+    """
+
+    def __init__(self):
+        self.timings: Dict[str, Optional[Latency]] = {}
+        self.measured = 0
+        self.reused = 0
+
+    def time(self, capabilities: "TargetCapabilities", gm, example_inputs: Sequence,
+             tune_trials: Optional[int] = None) -> Optional[Latency]:
+        """``capabilities.time(gm, ...)``, or the timing of a graph with the same structure."""
+        from .analysis.signature import structure_signature
+
+        key = structure_signature(gm, example_inputs, f"{capabilities.name}|{tune_trials or 0}")
+        if key in self.timings:
+            self.reused += 1
+            return self.timings[key]
+        self.measured += 1
+        self.timings[key] = timing = capabilities.time(gm, example_inputs, tune_trials)
+        return timing
 
 
 def check_target(target: Any) -> Any:

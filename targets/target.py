@@ -313,6 +313,11 @@ class Target:
         if self.emulated:
             _warn_once(f"{self.name}: latency is not measured under qemu emulation (NaN)")
             return None
+        if self.remote:
+            # a build holds a session on its board: keeping it open would leave the next build
+            # (a latency search's next candidate) waiting for a free device on a one-board tracker
+            with self.compile(gm, example_inputs, tune_trials=tune_trials or 0) as compiled:
+                return _benchmark(compiled, repeat, budget_s)
         key = structure_signature(gm, example_inputs,
                                   json.dumps([self.to_dict(), tune_trials or 0], sort_keys=True, default=str))
         compiled = _LATENCY_BUILDS.get(key)
@@ -321,10 +326,15 @@ class Target:
             if len(_LATENCY_BUILDS) >= _LATENCY_CACHE_SIZE:
                 _LATENCY_BUILDS.pop(next(iter(_LATENCY_BUILDS))).close()
             _LATENCY_BUILDS[key] = compiled
-        if repeat is None:
-            first = compiled.benchmark(repeat=1, warmup=1).median_ms
-            repeat = max(3, min(20, int(budget_s * 1e3 / max(first, 1e-3))))
-        return compiled.benchmark(repeat=repeat, warmup=1)
+        return _benchmark(compiled, repeat, budget_s)
+
+
+def _benchmark(compiled, repeat: Optional[int], budget_s: float):
+    """Without ``repeat``, as many runs (3 to 20) as fit in about ``budget_s``."""
+    if repeat is None:
+        first = compiled.benchmark(repeat=1, warmup=1).median_ms
+        repeat = max(3, min(20, int(budget_s * 1e3 / max(first, 1e-3))))
+    return compiled.benchmark(repeat=repeat, warmup=1)
 
 
 _LATENCY_CACHE_SIZE = 8

@@ -6,6 +6,7 @@ import html
 from typing import Dict, List, Set
 
 from .record import GraphSnapshot, PassRecord, Report
+from .search import search_html
 from .text import _acc, change, human, latency_change, params_change
 
 _CSS = """
@@ -113,6 +114,7 @@ def _pass_section(i: int, r: PassRecord) -> str:
             f'<span class="{cls}">{html.escape(r.status)}</span></h2></summary>'
             f"<table>{rows}</table>"
             + (f'<h3 class="warning">warnings</h3><ul>{warns}</ul>' if warns else "")
+            + (search_html(r.data["search"]) if r.data.get("search") else "")
             + (f"<h3>messages</h3><ul>{msgs}</ul>" if msgs else "")
             + (f"<h3>code diff</h3>{_diff_html(r.code_diff)}" if r.code_diff else "")
             + '<h3>graph</h3><p class="legend"><span style="background:#c8f0cf">added</span>'

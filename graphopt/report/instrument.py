@@ -117,6 +117,7 @@ class ReportInstrument(PassInstrument):
             code_diff=code_diff(result.before, shown, result.step.spec.name),
             graph_before=b["snapshot"],
             graph_after=a["snapshot"],
+            data=dict(result.data),
         ))
 
     def exit_pipeline(self, gm, ctx):

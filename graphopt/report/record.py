@@ -7,7 +7,8 @@ import math
 import platform
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = "1.3"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules; 1.3: masked params
+SCHEMA_VERSION = "1.4"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules;
+#                        1.3: masked params; 1.4: records carry `data` (the latency search's steps under "search")
 
 
 @dataclasses.dataclass
@@ -71,6 +72,7 @@ class PassRecord:
     graph_after: GraphSnapshot
     latency_spread_ms_before: Optional[float] = None  # p90 - p10 of the runs (noise band)
     latency_spread_ms_after: Optional[float] = None
+    data: Dict[str, Any] = dataclasses.field(default_factory=dict)  # structured results (ctx.data)
 
 
 @dataclasses.dataclass

@@ -85,6 +85,10 @@ def render_text(report: Report, diffs: bool = False) -> str:
         if notes or (diffs and r.code_diff):
             lines.append(f"\n[{i}] {r.name}")
             lines += [f"  - {m}" for m in notes]
+            if r.data.get("search"):
+                from .search import search_lines
+
+                lines += ["  " + line for line in search_lines(r.data["search"])]
             if diffs and r.code_diff:
                 lines += ["  " + line for line in r.code_diff.splitlines()]
     if report.compile:

@@ -11,7 +11,8 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 MODULES = ["graphopt", "graphopt.api", "graphopt.capture", "graphopt.pass_registry", "graphopt.manager",
            "graphopt.analysis.graphview", "graphopt.models.reference", "graphopt.target_protocol",
            "graphopt.batches", "graphopt.analysis.sharing", "graphopt.errors", "graphopt.layer_registry",
-           "graphopt.arguments", "graphopt.analysis.channels.blockers", "graphopt.sparsity"]
+           "graphopt.arguments", "graphopt.analysis.channels.blockers", "graphopt.sparsity",
+           "graphopt.budget", "graphopt.report.search"]
 
 
 @pytest.mark.parametrize("name", MODULES)

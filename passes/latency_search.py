@@ -1,0 +1,425 @@
+"""Compression to a latency budget measured on the target (NetAdapt-style; docs/latency_search.md).
+
+Reached from ``graphopt.optimize(..., budget=graphopt.Budget(...))``, which runs this pass after
+the given passes, or named like any pass: ``("latency_search", {"budget": graphopt.Budget(...)})``.
+Written on the public API alone: the channel analysis and its ``cut``, ``ctx.time`` (the target's
+timing, shared with the report, reused by structure signature), ``ctx.eval_fn``, and the
+``distill`` pass through the pass registry for recovery.
+
+One step, from the current graph at latency ``L`` (measured), aiming at ``max(L * (1 - step),
+budget)``:
+
+1. for every prunable channel group, the smallest cut (kept channels a multiple of the target's
+   ``preferred_channel_multiple``; L1 importance, least important channels first) predicted to
+   reach the aim: from the latency each channel of that group saved when it was last measured,
+   or, before any measurement, from its MACs; the candidate is built, cut and **timed on the
+   target**; short of the aim, the prediction is corrected with that measurement and a deeper
+   cut is tried (at most ``PROBES`` builds per group and step);
+2. each candidate is recovered with ``recovery_batches`` distillation batches (teacher: the
+   model before the lossy passes) and its accuracy measured with ``eval_fn`` (without one: the
+   output error against that teacher on the calibration batches);
+3. the candidate with the best accuracy per millisecond saved, among those within ``max_drop``,
+   becomes the current graph.
+
+It stops when the measured latency is at or under the budget, when every candidate would exceed
+``max_drop``, when no group can shrink any more, or after ``max_steps``; then distills for
+``final_recovery`` epochs (kept only when it does not lower accuracy). Every step goes into the
+report record's ``data["search"]`` and its messages.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+import graphopt
+from graphopt import Budget, ChannelGroup, Option, analyze_channels
+from graphopt.analysis.channels import cut
+from graphopt.context import no_progress
+from graphopt.numerics import compare, run
+
+#: Builds per group and step: the first prediction, then corrections from what was measured.
+PROBES = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates: one channel group cut to a given number of classes
+# --------------------------------------------------------------------------------------------
+
+def class_multiple(group: ChannelGroup, round_to: int) -> int:
+    """Kept classes must be a multiple of this for every producer to keep a multiple of
+    ``round_to`` channels (a class holds several channels of a grouped conv)."""
+    step = 1
+    for s in group.params("out"):
+        per_class = len(group.index[s.key][0])
+        step = math.lcm(step, round_to // math.gcd(round_to, per_class))
+    return step
+
+
+def kept_levels(group: ChannelGroup, round_to: int) -> List[int]:
+    """The class counts a group may be cut to, largest first (empty: it cannot shrink)."""
+    m = class_multiple(group, round_to)
+    top = (group.size - 1) // m * m
+    return list(range(top, 0, -m))
+
+
+def l1_order(gm: fx.GraphModule, group: ChannelGroup) -> np.ndarray:
+    """The group's classes, least important first: L1 norm of the conv/linear weight slices of
+    each class (output and input side), each layer's scores divided by their mean."""
+    total = np.zeros(group.size)
+    for s in group.params():
+        if s.param != "weight" or s.role not in ("out", "in"):
+            continue
+        t = getattr(gm.get_submodule(s.module), s.param).detach().double()
+        per = t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1).abs().sum(1).numpy()
+        cls = np.array([per[idx].sum() for idx in group.index[s.key]])
+        total += cls / cls.mean() if cls.mean() > 0 else cls
+    return np.argsort(total, kind="stable")
+
+
+def frozen_modules(gm: fx.GraphModule) -> Dict[str, str]:
+    """Modules whose channels stay: tied weights (cutting one copy would untie it)."""
+    return {m: f"{why}: cutting it would change every use"
+            for m, why in graphopt.shared_weights(gm, calls=False).items() if m}
+
+
+def channels_of(group: ChannelGroup, classes: int) -> int:
+    return classes * group.width
+
+
+def shrink(gm: fx.GraphModule, group_id: int, kept: int, example_inputs) -> fx.GraphModule:
+    """A copy of ``gm`` with group ``group_id`` cut to ``kept`` classes (L1 importance)."""
+    out = copy.deepcopy(gm)
+    analysis = analyze_channels(out, example_inputs, frozen_modules=frozen_modules(out))
+    group = analysis.groups[group_id]
+    drop = l1_order(out, group)[:group.size - kept]
+    removed = {k: np.unique(np.concatenate([group.index[k][c] for c in drop])) for k in group.spaces}
+    cut(out, analysis, removed, example_inputs)
+    return out
+
+
+def macs_saved_per_class(gm: fx.GraphModule, group: ChannelGroup, levels: List[int], example_inputs) -> float:
+    """MACs one class of the group costs, from its deepest cut: the cold-start guess, before any
+    latency of this group was measured."""
+    deepest = shrink(gm, group.id, levels[-1], example_inputs)
+    return (graphopt.count_macs(gm) - graphopt.count_macs(deepest)) / max(group.size - levels[-1], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# What a candidate is worth
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Candidate:
+    group: int
+    producers: List[str]
+    classes_before: int
+    classes_after: int
+    channels_before: int
+    channels_after: int
+    gm: fx.GraphModule
+    latency: Any  # graphopt.Latency
+    probes: int
+    short: bool = False  # its best probe fell short of the step's aim
+    accuracy: Optional[float] = None
+    error: Optional[float] = None
+
+    @property
+    def latency_ms(self) -> float:
+        return self.latency.median_ms
+
+
+def output_error(gm: fx.GraphModule, teacher: fx.GraphModule, batches) -> float:
+    """Mean relative output error against the teacher over the batches (lower is better)."""
+    with torch.no_grad():
+        errs = [compare(run(teacher, b), run(gm, b)).rel for b in batches]
+    return float(np.mean([e if math.isfinite(e) else 1e9 for e in errs]))
+
+
+def recover(gm: fx.GraphModule, ctx: graphopt.PassContext, teacher: fx.GraphModule, batches,
+            epochs: int, lr: Optional[float] = None) -> fx.GraphModule:
+    """Distill ``gm`` from ``teacher`` in place with the registered ``distill`` pass, on a
+    context of its own (its notes are not the search's, its bar stays silent)."""
+    spec = graphopt.get_pass("distill")
+    sub = dataclasses.replace(ctx, reference=teacher, calibration_data=list(batches), messages=[],
+                              warnings=[], data={}, progress=no_progress)
+    options = spec.resolve_options({"epochs": epochs, "train_data": list(batches),
+                                    **({"lr": lr} if lr is not None else {})})
+    return spec.instantiate(options)(gm, sub) or gm
+
+
+class Judge:
+    """Accuracy with ``eval_fn`` (higher is better), else minus the output error; both recorded."""
+
+    def __init__(self, ctx: graphopt.PassContext, teacher: fx.GraphModule):
+        self.ctx, self.teacher = ctx, teacher
+        # the output error is what ranks candidates without eval_fn; with one it is only shown
+        self.batches = ctx.data_batches()[:2 if ctx.eval_fn else 8]
+
+    def __call__(self, gm: fx.GraphModule) -> Tuple[Optional[float], float]:
+        accuracy = float(graphopt.arguments.check_eval_result(self.ctx.eval_fn(gm))) if self.ctx.eval_fn else None
+        return accuracy, output_error(gm, self.teacher, self.batches)
+
+    @staticmethod
+    def score(accuracy: Optional[float], error: float) -> float:
+        return accuracy if accuracy is not None else -error
+
+
+def _timed(ctx, gm) -> Any:
+    timing = ctx.time(gm)
+    if timing is None or not math.isfinite(timing.median_ms):
+        raise graphopt.TargetError(f"{ctx.capabilities.name} returned no latency for a candidate")
+    return timing
+
+
+# --------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------
+
+class Search:
+    """State of one run: the current graph, what each group saved per class, the steps so far."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: graphopt.PassContext, budget: Budget):
+        self.ctx, self.budget = ctx, budget
+        self.x = ctx.example_inputs
+        self.round_to = ctx.capabilities.preferred_channel_multiple
+        self.teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(gm)
+        self.batches = ctx.data_batches()
+        self.judge = Judge(ctx, self.teacher)
+        self.start = copy.deepcopy(gm)  # what uniform pruning starts from, for the comparison
+        self.current = gm
+        self.latency = _timed(ctx, gm)
+        self.start_ms = self.latency.median_ms
+        self.target_ms = budget.target_ms(self.start_ms)
+        self.accuracy, self.error = self.judge(gm)
+        self.start_accuracy = self.accuracy
+        self.floor = None if budget.max_drop is None else self.accuracy - budget.max_drop
+        self.ms_per_class: Dict[Tuple[str, ...], float] = {}  # measured, per group (by producers)
+        self.steps: List[Dict[str, Any]] = []
+
+    # one group: predict the cut, build it, time it, correct -----------------------------------
+    def propose(self, group: ChannelGroup, aim_ms: float) -> Tuple[Optional[Candidate], str]:
+        levels = kept_levels(group, self.round_to)
+        if not levels:
+            return None, f"{channels_of(group, group.size)} channels, cannot keep fewer multiples of {self.round_to}"
+        key = tuple(group.producers())
+        need_ms = self.latency.median_ms - aim_ms
+        per_class = self.ms_per_class.get(key)
+        if per_class is None or per_class <= 0:  # cold start: the group's MAC share of the latency
+            macs = graphopt.count_macs(self.current)
+            per_class = macs_saved_per_class(self.current, group, levels, self.x) / max(macs, 1) \
+                * self.latency.median_ms
+        best, tried = None, 0
+        while tried < PROBES:
+            want = group.size - need_ms / max(per_class, 1e-12)
+            kept = next((k for k in levels if k <= want), levels[-1])
+            if best is not None and kept >= best.classes_after:  # no deeper cut left to try
+                kept = next((k for k in levels if k < best.classes_after), None)
+                if kept is None:
+                    break
+            gm = shrink(self.current, group.id, kept, self.x)
+            timing = _timed(self.ctx, gm)
+            tried += 1
+            saved = self.latency.median_ms - timing.median_ms
+            if saved > 0:
+                per_class = saved / (group.size - kept)
+                self.ms_per_class[key] = per_class
+            cand = Candidate(group.id, list(key), group.size, kept, channels_of(group, group.size),
+                             channels_of(group, kept), gm, timing, tried)
+            if best is None or timing.median_ms < best.latency_ms:
+                best = cand
+            if timing.median_ms <= aim_ms or kept == levels[-1]:
+                break
+            if saved <= 0:
+                per_class = self.latency.median_ms / group.size / 4  # saw nothing: go deeper
+        if best is None:
+            return None, "no cut to try"
+        best.probes = tried
+        noise = max(self.latency.spread_ms if math.isfinite(self.latency.spread_ms) else 0.0,
+                    best.latency.spread_ms if math.isfinite(best.latency.spread_ms) else 0.0)
+        saved = self.latency.median_ms - best.latency_ms
+        if best.latency_ms > aim_ms:
+            if saved <= noise or saved <= 0:
+                return None, (f"cutting to {best.channels_after} channels saved {saved:.3g} ms, within "
+                              f"the noise ({noise:.3g} ms)")
+            best.short = True
+        return best, ""
+
+    def evaluate(self, cand: Candidate) -> None:
+        if self.budget.recovery_batches:
+            recover(cand.gm, self.ctx, self.teacher, self.batches[:self.budget.recovery_batches], 1,
+                    self.budget.recovery_lr)
+        cand.accuracy, cand.error = self.judge(cand.gm)
+
+    def choose(self, cands: List[Candidate]) -> Tuple[Optional[Candidate], List[Candidate]]:
+        """The best accuracy per millisecond saved among candidates within max_drop; the rest."""
+        here = Judge.score(self.accuracy, self.error)
+        fit = [c for c in cands if self.floor is None or c.accuracy >= self.floor]
+        if not fit:
+            return None, cands
+
+        def worth(c):
+            saved = max(self.latency.median_ms - c.latency_ms, 1e-9)
+            return (not c.short, (Judge.score(c.accuracy, c.error) - here) / saved, saved)
+
+        best = max(fit, key=worth)
+        return best, [c for c in cands if c is not best]
+
+    def step(self, index: int, bar) -> Optional[str]:
+        """One step; the reason to stop, or None to go on."""
+        if self.latency.median_ms <= self.target_ms:
+            return "budget"
+        aim = max(self.latency.median_ms * (1 - self.budget.step), self.target_ms)
+        analysis = analyze_channels(self.current, self.x, frozen_modules=frozen_modules(self.current))
+        groups = analysis.prunable_groups()
+        cands, skipped = [], []
+        for g in groups:
+            bar.set_postfix_str(f"step {index}: {g.describe(limit=2)}")
+            cand, why = self.propose(g, aim)
+            if cand is None:
+                skipped.append(f"{g.describe(limit=2)}: {why}")
+                continue
+            self.evaluate(cand)
+            cands.append(cand)
+        best, rest = self.choose(cands)
+        record = {
+            "step": index, "latency_before_ms": self.latency.median_ms, "aim_ms": aim,
+            "candidates": [self._cand_dict(c) for c in cands], "skipped": skipped,
+        }
+        if best is None:
+            record["chosen"] = None
+            self.steps.append(record)
+            if not cands:
+                return "no group can shrink"
+            return "max_drop"
+        record["chosen"] = self._cand_dict(best)
+        self.steps.append(record)
+        self.current, self.latency = best.gm, best.latency
+        self.accuracy, self.error = best.accuracy, best.error
+        return None
+
+    @staticmethod
+    def _cand_dict(c: Candidate) -> Dict[str, Any]:
+        return {"group": c.group, "producers": c.producers, "channels_before": c.channels_before,
+                "channels_after": c.channels_after, "latency_ms": c.latency_ms,
+                "spread_ms": c.latency.spread_ms if math.isfinite(c.latency.spread_ms) else None,
+                "accuracy": c.accuracy, "error": c.error, "probes": c.probes, "short": c.short}
+
+
+STOPS = {
+    "budget": "the measured latency is at or under the budget",
+    "max_drop": "every candidate of the next step would lose more than max_drop accuracy",
+    "no group can shrink": "no channel group can shrink further (or a cut saves nothing beyond noise)",
+    "max_steps": "max_steps reached before the budget",
+}
+
+
+def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, budget=None, **_) -> None:
+    """The budget, the target and the data, before any pass runs (as ``optimize`` checks them)."""
+    if budget is None:
+        raise graphopt.PassOptionError("latency_search: give budget=graphopt.Budget(latency=..., ...)")
+    graphopt.budget.check_budget(budget, ctx.capabilities, ctx.eval_fn, bool(ctx.calibration_data))
+
+
+@graphopt.register_pass(
+    "latency_search",
+    exact=False,
+    description="Shrink channel groups, measuring every candidate on the target, to a latency budget",
+    options={"budget": Option(None, Budget, help="a graphopt.Budget: the latency to reach and the accuracy to keep")},
+    runs_after=("fuse_conv_bn", "merge_branches", "dce", "prune_channels", "separable_conv", "distill"),
+    runs_before=("quantize",),
+    needs=("example_inputs", "target"),
+    validate=validate_options,
+)
+def latency_search(gm: fx.GraphModule, ctx: graphopt.PassContext, budget: Budget):
+    """Step by step, the channel cut with the best accuracy per measured millisecond saved."""
+    search = Search(gm, ctx, budget)
+    stop = None
+    bar = ctx.progress(total=budget.max_steps, desc="latency search", unit="step")
+    try:
+        for i in range(1, budget.max_steps + 1):
+            stop = search.step(i, bar)
+            if stop is not None:
+                break
+            bar.update(1)
+        else:
+            stop = "budget" if search.latency.median_ms <= search.target_ms else "max_steps"
+    finally:
+        bar.close()
+    final = search.current
+    before_final = (search.accuracy, search.error)
+    if budget.final_recovery and search.steps and any(s["chosen"] for s in search.steps):
+        trial = copy.deepcopy(final)
+        recover(trial, ctx, search.teacher, search.batches, budget.final_recovery)
+        acc, err = search.judge(trial)
+        if Judge.score(acc, err) >= Judge.score(*before_final):
+            final, (search.accuracy, search.error) = trial, (acc, err)
+        else:
+            ctx.note(f"final recovery ({budget.final_recovery} epochs) lowered the score "
+                     f"({Judge.score(*before_final):.4g} -> {Judge.score(acc, err):.4g}): not kept")
+    final_latency = _timed(ctx, final)
+    # and once more, outside the cache: does the budget hold on a fresh timing, not only on the
+    # one the search chose by (the difference is the machine's noise)
+    retimed = ctx.capabilities.time(final, ctx.example_inputs, ctx.tune_trials) if search.steps else None
+    uniform = []
+    if budget.compare_uniform and search.steps:
+        from graphopt.passes.search_compare import uniform_points  # the comparison, apart
+
+        uniform = uniform_points(search, final_latency.median_ms)
+    _report(ctx, search, stop, final_latency, retimed, uniform)
+    return final
+
+
+def _finite(v: float) -> Optional[float]:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform) -> None:
+    b = search.budget
+    chosen = [s["chosen"] for s in search.steps if s["chosen"]]
+    ctx.note(f"latency search on {ctx.capabilities.name}: {search.start_ms:.4g} ms -> budget "
+             f"{search.target_ms:.4g} ms ({b.target_ms(1.0) if b.latency else b.latency_ms:.3g}"
+             f"{'x' if b.latency else ' ms'}), step {b.step:g}, {len(search.steps)} step(s), "
+             f"{len(chosen)} applied")
+    for s in search.steps:
+        c = s["chosen"]
+        if c is None:
+            ctx.note(f"step {s['step']}: no candidate kept ({len(s['candidates'])} measured)")
+            continue
+        acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"
+        ctx.note(f"step {s['step']}: group {c['group']} [{', '.join(c['producers'][:3])}] "
+                 f"{c['channels_before']} -> {c['channels_after']} channels, {s['latency_before_ms']:.4g} -> "
+                 f"{c['latency_ms']:.4g} ms (aim {s['aim_ms']:.4g}), accuracy {acc}, "
+                 f"{len(s['candidates'])} candidate(s)")
+    ctx.note(f"stopped: {STOPS[stop]}; final {final_latency.median_ms:.4g} ms"
+             + (f", accuracy {search.accuracy:.4f} (started at {search.start_accuracy:.4f})"
+                if search.accuracy is not None else f", output error {search.error:.3g}")
+             + f"; timings measured {ctx.timings.measured}, reused {ctx.timings.reused}")
+    if stop != "budget":
+        ctx.warn(f"latency budget {search.target_ms:.4g} ms not reached ({final_latency.median_ms:.4g} ms): "
+                 f"{STOPS[stop]}")
+    if retimed is not None:
+        ctx.note(f"final graph timed again: {retimed.median_ms:.4g} ms (search: {final_latency.median_ms:.4g} ms)")
+        if stop == "budget" and retimed.median_ms > search.target_ms:
+            ctx.warn(f"timed again, the result takes {retimed.median_ms:.4g} ms, over the budget of "
+                     f"{search.target_ms:.4g} ms (the search measured {final_latency.median_ms:.4g} ms, noise band "
+                     f"{max(_finite(retimed.spread_ms) or 0, _finite(final_latency.spread_ms) or 0):.3g} ms)")
+    ctx.data["search"] = {
+        "budget": b.to_dict(),
+        "start": {"latency_ms": search.start_ms, "accuracy": search.start_accuracy},
+        "target_ms": search.target_ms,
+        "stopped": stop,
+        "stop_reason": STOPS[stop],
+        "steps": search.steps,
+        "final": {"latency_ms": final_latency.median_ms, "spread_ms": _finite(final_latency.spread_ms),
+                  "accuracy": search.accuracy, "error": search.error,
+                  "retimed_ms": None if retimed is None else retimed.median_ms,
+                  "retimed_spread_ms": None if retimed is None else _finite(retimed.spread_ms)},
+        "timings": {"measured": ctx.timings.measured, "reused": ctx.timings.reused},
+        "uniform": uniform,
+    }

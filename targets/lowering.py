@@ -38,6 +38,7 @@ import numpy as np
 from graphopt.errors import InputShapeError, TargetError
 
 from .int8 import blocked, relax_lowering  # noqa: F401  (register graphopt's own translations)
+from .sparse import lowering as sparse_lowering
 from .translations import LoweringState, add_unique, convert_map, register_translation, translations
 
 __all__ = ["LoweredModel", "LoweringState", "TensorSpec", "lower", "register_relax_rewrite",
@@ -90,6 +91,8 @@ class LoweredModel:
         io_dtypes: ``{"inputs": [...], "outputs": [...]}``, the caller's dtypes, when the library
             computes in others (a float16 model compiled in float32); None when they are the same.
         notes: what the lowering changed that a user should know (for the compile summary).
+        sparse_layers: per masked layer, the kernel chosen and why
+            (:class:`~graphopt.targets.sparse.lowering.SparseRecord` as dicts).
     """
 
     mod: Any
@@ -100,6 +103,7 @@ class LoweredModel:
     out_tree: str
     io_dtypes: Optional[Dict[str, List[str]]] = None
     notes: List[str] = dataclasses.field(default_factory=list)
+    sparse_layers: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _var_name(var) -> str:
@@ -141,8 +145,11 @@ def weights_as_parameters(gm):
     return gm
 
 
-def lower(gm, example_inputs: Sequence) -> LoweredModel:
+def lower(gm, example_inputs: Sequence, *, sparse: Optional["sparse_lowering.SparsePlan"] = None) -> LoweredModel:
     """Translate ``gm`` for ``example_inputs``' shapes into a Relax module plus weights.
+
+    ``sparse``: how masked layers (:mod:`graphopt.sparsity`) are treated; None keeps them dense
+    (``Target.lower`` passes one that times both kernels on the target, :mod:`.sparse.choice`).
 
     Raises:
         InputShapeError: an example input is not a tensor.
@@ -160,6 +167,7 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
                               + ", ".join(type(x).__name__ for x in inputs))
     module = weights_as_parameters(gm).eval()
     module, inputs, io_dtypes, notes = _in_float32_if_half(module, inputs)
+    records = sparse_lowering.rewrite(module, inputs, sparse) if sparse is not None else []
     try:
         with torch.no_grad():
             ep = torch.export.export(module, inputs)
@@ -209,7 +217,7 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
                                 for i, o in enumerate(outputs)]
     return LoweredModel(mod=mod, params=params, param_specs=param_specs, inputs=input_specs,
                         outputs=outputs, out_tree=pytree.treespec_dumps(out_spec), io_dtypes=io_dtypes,
-                        notes=notes)
+                        notes=notes, sparse_layers=[r.to_dict() for r in records])
 
 
 #: Float dtypes graphopt's CPU lowering computes in float32 (the frontend and TOPI's CPU

@@ -227,10 +227,14 @@ class Target:
     # --- phases ----------------------------------------------------------------------------
 
     def lower(self, gm, example_inputs: Sequence):
-        """fx.GraphModule -> :class:`~graphopt.targets.lowering.LoweredModel` (Relax + weights)."""
-        from .lowering import lower
+        """fx.GraphModule -> :class:`~graphopt.targets.lowering.LoweredModel` (Relax + weights).
 
-        return lower(gm, tuple(example_inputs))
+        Masked layers run graphopt's sparse kernels where they time faster here
+        (:mod:`graphopt.targets.sparse.choice`)."""
+        from .lowering import lower
+        from .sparse.choice import plan_for
+
+        return lower(gm, tuple(example_inputs), sparse=plan_for(self))
 
     def tune(self, lowered, trials: Optional[int], *, progress: Optional[Callable] = None,
              log: Optional[logging.Logger] = None):

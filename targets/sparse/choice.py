@@ -1,0 +1,86 @@
+"""Sparse or dense, per masked layer: timed on the target once, remembered by shape and pattern.
+
+A layer runs sparse only where graphopt's sparse kernel was measured faster than graphopt's
+dense build of the same layer on the target (the way ``separable_conv`` times layers): both
+variants of the layer alone are lowered, built through the same pipeline (untuned: TVM's
+default schedules, as ``tune_trials=0`` builds; a tuned dense kernel can be faster) and timed
+with the runtime thread count. The decision is cached per process by target and
+:meth:`~.lowering.LayerSpec.key` (kind, input and weight shapes, block, kept blocks), so the
+report's per-pass latency builds and a second compile cost nothing. Under qemu nothing is
+timed (emulated timings mean nothing) and every layer stays dense, with that reason.
+
+Example:
+    >>> import graphopt
+    >>> decide = policy_for(graphopt.get_target("arm-rpi4"))  # emulated on this x86 host
+    >>> decide(None)[0], decide(None)[3].split(":")[0]
+    (False, 'arm-rpi4 runs under qemu emulation here')
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, Optional, Tuple
+
+from .lowering import LayerSpec, Policy, SparsePlan
+
+__all__ = ["MARGIN", "clear_decisions", "plan_for", "policy_for", "time_layer"]
+
+log = logging.getLogger("graphopt.targets")
+
+#: sparse must take at most this fraction of the dense time (a tie is noise: dense is the default)
+MARGIN = 0.95
+REPEAT, WARMUP = 10, 2
+
+_DECISIONS: Dict[Tuple, Tuple[bool, Optional[float], Optional[float], str]] = {}
+
+
+def clear_decisions() -> None:
+    """Forget the cached decisions (tests, or a machine that became quiet)."""
+    _DECISIONS.clear()
+
+
+def forced(sparse: bool) -> Policy:
+    """A policy that does not time: every eligible layer sparse (or dense)."""
+    return lambda spec: (sparse, None, None, "forced " + ("sparse" if sparse else "dense"))
+
+
+def time_layer(target, spec: LayerSpec, sparse: bool, *, repeat: int = REPEAT) -> float:
+    """Median ms of ``spec``'s layer alone, built for ``target`` with the sparse or dense kernel."""
+    import torch
+    import torch.fx as fx
+
+    from ..lowering import lower
+
+    gm = fx.symbolic_trace(torch.nn.Sequential(copy.deepcopy(spec.module)).eval())
+    x = torch.randn(spec.input_shape)
+    plan = SparsePlan(forced(sparse), lanes=target.preferred_channel_multiple, threads=target.runtime_threads)
+    lowered = lower(gm, (x,), sparse=plan)
+    prepared, database, info = target.tune(lowered, 0, log=log)
+    with target.build(lowered, prepared, database, tuning=info, log=log) as compiled:
+        return compiled.benchmark(repeat=repeat, warmup=WARMUP).median_ms
+
+
+def policy_for(target) -> Policy:
+    """The timing policy for ``target`` (module docstring)."""
+    def decide(spec: LayerSpec):
+        if target.emulated:
+            return False, None, None, (f"{target.name} runs under qemu emulation here: its timings mean "
+                                       "nothing, so the dense kernel is kept")
+        key = (target.cache_key(), spec.key())
+        if key not in _DECISIONS:
+            dense_ms = time_layer(target, spec, sparse=False)
+            sparse_ms = time_layer(target, spec, sparse=True)
+            faster = sparse_ms <= MARGIN * dense_ms
+            ratio = dense_ms / sparse_ms if sparse_ms > 0 else float("inf")
+            why = (f"sparse {sparse_ms:.3f} ms vs untuned dense {dense_ms:.3f} ms ({ratio:.2f}x)"
+                   + ("" if faster else f": not {1 / MARGIN:.2f}x faster, dense kept"))
+            _DECISIONS[key] = (faster, dense_ms, sparse_ms, why)
+            log.info("%s: layer %s %s", target.name, spec.name, why)
+        return _DECISIONS[key]
+
+    return decide
+
+
+def plan_for(target) -> SparsePlan:
+    """What ``Target.lower`` hands the lowering."""
+    return SparsePlan(policy_for(target), lanes=target.preferred_channel_multiple, threads=target.runtime_threads)

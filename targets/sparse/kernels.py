@@ -31,7 +31,7 @@ Example:
     >>> c.values.tolist(), c.indices.tolist(), c.indptr.tolist()
     ([[2.0, 3.0], [1.0, 0.0]], [1, 0], [0, 1, 2])
     >>> c.dense_bytes, c.nbytes
-    (48, 28)
+    (48, 36)
 """
 from __future__ import annotations
 

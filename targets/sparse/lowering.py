@@ -222,7 +222,7 @@ def _replace(module: fx.GraphModule, name: str, layer: nn.Module, node: fx.Node,
         if spec.kind == "conv1x1":
             n, _, h, w = spec.input_shape
             tile = conv_tile(h * w, spec.block, lanes)
-            groups = row_groups(spec.weight_shape[0] // spec.block, n * (h * w // tile), threads)
+            groups = row_groups(spec.weight_shape[0] // spec.block, n * -(-(h * w) // tile), threads)
             new = module.graph.call_function(torch.ops.graphopt_sparse.bsr_conv1x1.default, (*args, tile, groups))
         else:
             m = math.prod(spec.input_shape[:-1])

@@ -82,6 +82,16 @@ def test_kernels_match_pytorch(kind, batch):
             assert rel_err(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("size", [(3, 3), (7, 7)])  # fewer pixels than a vector; a tile overlapping the last
+def test_conv_on_small_images(size):
+    model = nn.Sequential(nn.Conv2d(24, 16, 1))
+    mask_randomly(model[0], 0.8, 4, seed=3)
+    x = torch.randn(1, 24, *size)
+    _, compiled = build_forced(model, x)
+    with compiled:
+        assert rel_err(compiled(x), model(x)) < 1e-4
+
+
 def test_compress_round_trip_and_bytes():
     w = np.random.default_rng(0).standard_normal((12, 10)).astype("float32")
     w[np.random.default_rng(1).random((12, 10)) < 0.8] = 0

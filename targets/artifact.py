@@ -347,6 +347,10 @@ class CompiledModel:
                 **_sparse_summary(self._manifest.get("sparse_layers") or []),
                 "tuning": t.to_dict()}
 
+    def set_sparse_layers(self, layers: List[Dict[str, Any]]) -> None:
+        """Replace the masked layers' records (the whole-model check's verdict, before any save)."""
+        self._manifest["sparse_layers"] = [dict(r) for r in layers]
+
     @property
     def manifest(self) -> Dict[str, Any]:
         return json.loads(json.dumps(self._manifest))

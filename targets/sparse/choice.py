@@ -9,6 +9,11 @@ with the runtime thread count. The decision is cached per process by target and
 report's per-pass latency builds and a second compile cost nothing. Under qemu nothing is
 timed (emulated timings mean nothing) and every layer stays dense, with that reason.
 
+A layer faster alone can still make the model slower (x86 runs convolutions in blocked
+``NCHW16c`` layouts: a sparse layer in NCHW costs a layout conversion on each side, and the
+bias/activation it no longer fuses), so :func:`check_whole_model` then builds the whole model
+dense too, times both, and keeps the faster, saying so in every layer's record.
+
 Example:
     >>> import graphopt
     >>> decide = policy_for(graphopt.get_target("arm-rpi4"))  # emulated on this x86 host
@@ -23,7 +28,7 @@ from typing import Dict, Optional, Tuple
 
 from .lowering import LayerSpec, Policy, SparsePlan
 
-__all__ = ["MARGIN", "clear_decisions", "plan_for", "policy_for", "time_layer"]
+__all__ = ["MARGIN", "check_whole_model", "clear_decisions", "plan_for", "policy_for", "time_layer"]
 
 log = logging.getLogger("graphopt.targets")
 
@@ -84,3 +89,36 @@ def policy_for(target) -> Policy:
 def plan_for(target) -> SparsePlan:
     """What ``Target.lower`` hands the lowering."""
     return SparsePlan(policy_for(target), lanes=target.preferred_channel_multiple, threads=target.runtime_threads)
+
+
+def check_whole_model(target, gm, example_inputs, compiled, *, tune_trials=None, progress=None, log=log):
+    """``compiled`` if it runs no layer sparse, or if it is faster than the model built dense
+    (same tuning budget); else the dense build. Every masked layer's record says which and why."""
+    from ..lowering import lower
+
+    layers = list(compiled.manifest.get("sparse_layers") or [])
+    if not any(r["kernel"] == "sparse" for r in layers) or target.emulated:
+        return compiled
+    plan = SparsePlan(forced(False), lanes=target.preferred_channel_multiple, threads=target.runtime_threads)
+    lowered = lower(gm, tuple(example_inputs), sparse=plan)
+    prepared, database, info = target.tune(lowered, tune_trials or 0, progress=progress, log=log)
+    dense = target.build(lowered, prepared, database, tuning=info, log=log)
+    sparse_ms = dense_ms = float("inf")
+    for _ in range(3):  # alternate, so that a burst of load hits both
+        sparse_ms = min(sparse_ms, compiled.benchmark(repeat=REPEAT, warmup=WARMUP).median_ms)
+        dense_ms = min(dense_ms, dense.benchmark(repeat=REPEAT, warmup=WARMUP).median_ms)
+    keep = sparse_ms <= MARGIN * dense_ms
+    verdict = f"whole model: {sparse_ms:.3f} ms with the sparse layers, {dense_ms:.3f} ms all dense"
+    records = []
+    for r in layers:
+        r = dict(r)
+        if r["kernel"] == "sparse":
+            r["reason"] += f"; {verdict}" + ("" if keep else ": the dense build is kept")
+            if not keep:
+                r["kernel"], r["stored_bytes"] = "dense", r["dense_bytes"]
+        records.append(r)
+    log.info("%s: %s: %s kept", target.name, verdict, "sparse" if keep else "dense")
+    chosen, other = (compiled, dense) if keep else (dense, compiled)
+    other.close()
+    chosen.set_sparse_layers(records)
+    return chosen

@@ -147,6 +147,7 @@ def test_end_to_end_matches_the_pruned_model_and_records_decisions(pruned):
     for r in layers.values():
         assert r["kernel"] in ("sparse", "dense") and r["dense_ms"] > 0 and r["sparse_ms"] > 0
         assert "untuned dense" in r["reason"] and r["sparsity"] == pytest.approx(0.9, abs=0.01)
+        assert r["kernel"] == "dense" or "whole model" in r["reason"]  # checked against the dense build
     # the 512 x 4096 linear at 90% reads a fifth of the dense bytes: sparse wins by far
     assert layers["fc"]["kernel"] == "sparse" and layers["fc"]["stored_bytes"] < layers["fc"]["dense_bytes"] / 4
     assert opt.compiled.manifest["sparse_layers"] == list(layers.values())
@@ -174,6 +175,36 @@ def test_artifact_is_smaller_and_round_trips(pruned, tmp_path):
     with graphopt.load(sparse_dir) as again:
         assert rel_err(again(x), opt.graph_module(x)) < 1e-4
         assert json.loads((sparse_dir / "manifest.json").read_text())["sparse_layers"] == again.manifest["sparse_layers"]
+
+
+def test_a_whole_model_slower_with_sparse_layers_is_built_dense(monkeypatch):
+    import types
+
+    from graphopt.targets import lowering as lowering_module
+    from graphopt.targets.target import Target
+
+    class Built:
+        def __init__(self, ms, layers=()):
+            self.ms, self.closed, self.layers = ms, False, list(layers)
+
+        manifest = property(lambda self: {"sparse_layers": self.layers})
+        benchmark = lambda self, repeat, warmup: types.SimpleNamespace(median_ms=self.ms)  # noqa: E731
+
+        def close(self):
+            self.closed = True
+
+        def set_sparse_layers(self, layers):
+            self.layers = layers
+
+    record = {"name": "fc", "kernel": "sparse", "reason": "faster alone", "dense_bytes": 100, "stored_bytes": 20}
+    sparse, dense = Built(2.0, [record]), Built(1.0)
+    monkeypatch.setattr(lowering_module, "lower", lambda *a, **k: None)
+    monkeypatch.setattr(Target, "tune", lambda self, *a, **k: (None, None, None))
+    monkeypatch.setattr(Target, "build", lambda self, *a, **k: dense)
+    assert choice.check_whole_model(graphopt.get_target("x86"), None, (), sparse) is dense and sparse.closed
+    (r,) = dense.manifest["sparse_layers"]
+    assert r["kernel"] == "dense" and r["stored_bytes"] == 100
+    assert "2.000 ms with the sparse layers, 1.000 ms all dense: the dense build is kept" in r["reason"]
 
 
 def test_arm_under_qemu_keeps_dense_with_the_reason(pruned):

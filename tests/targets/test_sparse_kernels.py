@@ -201,7 +201,8 @@ def test_a_whole_model_slower_with_sparse_layers_is_built_dense(monkeypatch):
     monkeypatch.setattr(lowering_module, "lower", lambda *a, **k: None)
     monkeypatch.setattr(Target, "tune", lambda self, *a, **k: (None, None, None))
     monkeypatch.setattr(Target, "build", lambda self, *a, **k: dense)
-    assert choice.check_whole_model(graphopt.get_target("x86"), None, (), sparse) is dense and sparse.closed
+    target = graphopt.get_target("x86").replace(layout_block=0)  # two variants: sparse and dense
+    assert choice.check_whole_model(target, None, (), sparse) is dense and sparse.closed
     (r,) = dense.manifest["sparse_layers"]
     assert r["kernel"] == "dense" and r["stored_bytes"] == 100
     assert "2.000 ms with the sparse layers, 1.000 ms all dense: the dense build is kept" in r["reason"]

@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-__all__ = ["Compressed", "compress", "conv1x1_kernel", "conv_tile", "linear_kernel", "row_groups"]
+__all__ = ["Compressed", "compress", "conv1x1_kernel", "conv_tile", "linear_kernel", "row_groups", "with_blocks"]
 
 UNROLL = 4  # the linear kernel's independent accumulators (its sum below adds exactly four)
 
@@ -75,6 +75,17 @@ class Compressed:
             for j in range(self.indptr[r], self.indptr[r + 1]):
                 w[r, :, self.indices[j]] += self.values[j]
         return w.reshape(out_rows, cols)
+
+
+def with_blocks(func):
+    """``func``'s loop nest under a root block holding one opaque compute block: the structure
+    TVM's Relax passes expect of every PrimFunc (``SplitLayoutRewritePreproc`` rejects others)."""
+    from tvm import s_tir
+
+    def realize(name, body):
+        return s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], name, body))
+
+    return func.with_body(realize("root", realize("bsr", func.body)))
 
 
 def compress(weight: np.ndarray, block: int = 1) -> Compressed:
@@ -135,36 +146,30 @@ def conv1x1_kernel(n: int, c: int, pixels: int, rows: int, block: int, nnzb: int
     tiles = -(-pixels // tile)
     per_group = -(-rows // groups)
 
-    @T.prim_func(private=True, check_well_formed=False)  # a root block: TVM's passes want one
+    @T.prim_func(private=True)
     def func(X: T.Buffer((n, c, pixels), "float32"), V: T.Buffer((nnzb, block), "float32"),
              IDX: T.Buffer((nnzb,), "int32"), PTR: T.Buffer((rows + 1,), "int32"),
              B: T.Buffer((o,), "float32"), Y: T.Buffer((n, o, pixels), "float32")):
         T.func_attr({"tirx.noalias": True})
-        with T.sblock("root"):
-            T.reads()
-            T.writes()
-            with T.sblock("bsr"):
-                T.reads()
-                T.writes()
-                for t in T.parallel(n * tiles * groups):
-                    for rr in range(per_group):
-                        b: T.int32 = t // (tiles * groups)
-                        p0: T.int32 = T.min(t % (tiles * groups) // groups * tile, pixels - tile)
-                        r: T.int32 = t % groups * per_group + rr
-                        if r < rows:
-                            acc = T.decl_buffer((block, tile), "float32", scope="local")
-                            for kk in T.unroll(block):
-                                for v in T.vectorized(tile):
-                                    acc[kk, v] = B[r * block + kk]
-                            for j in range(PTR[r], PTR[r + 1]):
-                                for kk in T.unroll(block):
-                                    for v in T.vectorized(tile):
-                                        acc[kk, v] = acc[kk, v] + V[j, kk] * X[b, IDX[j], p0 + v]
-                            for kk in T.unroll(block):
-                                for v in T.vectorized(tile):
-                                    Y[b, r * block + kk, p0 + v] = acc[kk, v]
+        for t in T.parallel(n * tiles * groups):
+            for rr in range(per_group):
+                b: T.int32 = t // (tiles * groups)
+                p0: T.int32 = T.min(t % (tiles * groups) // groups * tile, pixels - tile)
+                r: T.int32 = t % groups * per_group + rr
+                if r < rows:
+                    acc = T.decl_buffer((block, tile), "float32", scope="local")
+                    for kk in T.unroll(block):
+                        for v in T.vectorized(tile):
+                            acc[kk, v] = B[r * block + kk]
+                    for j in range(PTR[r], PTR[r + 1]):
+                        for kk in T.unroll(block):
+                            for v in T.vectorized(tile):
+                                acc[kk, v] = acc[kk, v] + V[j, kk] * X[b, IDX[j], p0 + v]
+                    for kk in T.unroll(block):
+                        for v in T.vectorized(tile):
+                            Y[b, r * block + kk, p0 + v] = acc[kk, v]
 
-    return func
+    return with_blocks(func)
 
 
 def linear_kernel(m: int, k_in: int, rows: int, block: int, nnzb: int, groups: int):
@@ -174,40 +179,34 @@ def linear_kernel(m: int, k_in: int, rows: int, block: int, nnzb: int, groups: i
     o = rows * block
     per_group = -(-rows // groups)
 
-    @T.prim_func(private=True, check_well_formed=False)  # a root block: TVM's passes want one
+    @T.prim_func(private=True)
     def func(X: T.Buffer((m, k_in), "float32"), V: T.Buffer((nnzb, block), "float32"),
              IDX: T.Buffer((nnzb,), "int32"), PTR: T.Buffer((rows + 1,), "int32"),
              B: T.Buffer((o,), "float32"), Y: T.Buffer((m, o), "float32")):
         T.func_attr({"tirx.noalias": True})
-        with T.sblock("root"):
-            T.reads()
-            T.writes()
-            with T.sblock("bsr"):
-                T.reads()
-                T.writes()
-                for t in T.parallel(m * groups):
-                    for rr in range(per_group):
-                        b: T.int32 = t // groups
-                        r: T.int32 = t % groups * per_group + rr
-                        if r < rows:
-                            # UNROLL independent partial sums: one chain of dependent FMAs would run
-                            # at the FMA latency (4 cycles a kept block), not its throughput
-                            acc = T.decl_buffer((UNROLL, block), "float32", scope="local")
-                            start: T.int32 = PTR[r]
-                            count: T.int32 = PTR[r + 1] - start
-                            for u in T.unroll(UNROLL):
-                                for kk in T.vectorized(block):
-                                    acc[u, kk] = T.float32(0)
-                            for jo in range(count // UNROLL):
-                                for u in T.unroll(UNROLL):
-                                    for kk in T.vectorized(block):
-                                        acc[u, kk] = acc[u, kk] + V[start + jo * UNROLL + u, kk] * X[
-                                            b, IDX[start + jo * UNROLL + u]]
-                            for j in range(start + count // UNROLL * UNROLL, start + count):
-                                for kk in T.vectorized(block):
-                                    acc[0, kk] = acc[0, kk] + V[j, kk] * X[b, IDX[j]]
+        for t in T.parallel(m * groups):
+            for rr in range(per_group):
+                b: T.int32 = t // groups
+                r: T.int32 = t % groups * per_group + rr
+                if r < rows:
+                    # UNROLL independent partial sums: one chain of dependent FMAs would run
+                    # at the FMA latency (4 cycles a kept block), not its throughput
+                    acc = T.decl_buffer((UNROLL, block), "float32", scope="local")
+                    start: T.int32 = PTR[r]
+                    count: T.int32 = PTR[r + 1] - start
+                    for u in T.unroll(UNROLL):
+                        for kk in T.vectorized(block):
+                            acc[u, kk] = T.float32(0)
+                    for jo in range(count // UNROLL):
+                        for u in T.unroll(UNROLL):
                             for kk in T.vectorized(block):
-                                Y[b, r * block + kk] = B[r * block + kk] + ((acc[0, kk] + acc[1, kk])
-                                                                            + (acc[2, kk] + acc[3, kk]))
+                                acc[u, kk] = acc[u, kk] + V[start + jo * UNROLL + u, kk] * X[
+                                    b, IDX[start + jo * UNROLL + u]]
+                    for j in range(start + count // UNROLL * UNROLL, start + count):
+                        for kk in T.vectorized(block):
+                            acc[0, kk] = acc[0, kk] + V[j, kk] * X[b, IDX[j]]
+                    for kk in T.vectorized(block):
+                        Y[b, r * block + kk] = B[r * block + kk] + ((acc[0, kk] + acc[1, kk])
+                                                                    + (acc[2, kk] + acc[3, kk]))
 
-    return func
+    return with_blocks(func)

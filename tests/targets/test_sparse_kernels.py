@@ -92,6 +92,15 @@ def test_conv_on_small_images(size):
         assert rel_err(compiled(x), model(x)) < 1e-4
 
 
+def test_linear_on_a_3d_input():
+    model = nn.Sequential(nn.Linear(13, 8, bias=False))
+    mask_randomly(model[0], 0.7, 4, seed=5)
+    x = torch.randn(2, 3, 13)
+    _, compiled = build_forced(model, x)
+    with compiled:
+        assert rel_err(compiled(x), model(x)) < 1e-4
+
+
 def test_compress_round_trip_and_bytes():
     w = np.random.default_rng(0).standard_normal((12, 10)).astype("float32")
     w[np.random.default_rng(1).random((12, 10)) < 0.8] = 0
@@ -152,6 +161,8 @@ def test_end_to_end_matches_the_pruned_model_and_records_decisions(pruned):
     assert layers["fc"]["kernel"] == "sparse" and layers["fc"]["stored_bytes"] < layers["fc"]["dense_bytes"] / 4
     assert opt.compiled.manifest["sparse_layers"] == list(layers.values())
     assert "masked layers on sparse kernels" in opt.compiled.summary()["sparse"]
+    assert opt.report.compile["sparse_layers"] == list(layers.values())
+    assert "masked fc (linear, 90% zeros, block 1): sparse kernel" in opt.report.to_text()
 
 
 def test_decisions_are_cached_by_shape_and_pattern(pruned, monkeypatch):

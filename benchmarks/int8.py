@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import logging
-import os
 import re
 import statistics
 import subprocess
@@ -50,8 +48,9 @@ import torch.nn as nn
 import graphopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import (configure, graphopt_runner, interleaved, machine, onnx_bytes, ort_int8_model,  # noqa: E402
+                    ort_runner, ort_session, quantile)
 from _docs import write_block  # noqa: E402
-from latency import graphopt_runner, interleaved, machine, quantile  # noqa: E402
 from models import MODELS, randomize_bn  # noqa: E402
 
 log = logging.getLogger("graphopt.bench")
@@ -86,50 +85,6 @@ def calibration_for(name: str, inputs) -> List[torch.Tensor]:
         return calibration_batches(8, 64)
     g = torch.Generator().manual_seed(1)
     return [torch.randn(4, *inputs[0].shape[1:], generator=g) for _ in range(4)]
-
-
-# --- ONNX Runtime ----------------------------------------------------------------------------------
-
-def onnx_bytes(model, inputs, dynamic_batch: bool = False) -> bytes:
-    buf = io.BytesIO()
-    axes = {"x": {0: "n"}, "y": {0: "n"}} if dynamic_batch else None
-    torch.onnx.export(model, inputs, buf, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"],
-                      dynamic_axes=axes)
-    return buf.getvalue()
-
-
-def ort_int8_model(fp32_onnx: bytes, calibration: List[torch.Tensor]) -> bytes:
-    """QDQ, per-channel int8 weights, uint8 activations, MinMax calibration on the same batches."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"x": b[i:i + 1].numpy()} for b in calibration for i in range(len(b))][:256])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
-        Path(src).write_bytes(fp32_onnx)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        return Path(dst).read_bytes()
-
-
-def ort_session(model_bytes: bytes, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def ort_runner(session, inputs):
-    feed = {session.get_inputs()[0].name: inputs[0].numpy()}
-    return lambda: session.run(None, feed)
 
 
 # --- the disassembly -----------------------------------------------------------------------------
@@ -291,10 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("torch", "tvm"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
+    configure(args.threads, args.quiet)
     rows = [bench_model(name, args) for name in args.models]
     text = render(rows, machine(), args)
     print(text)

@@ -24,84 +24,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import List
 
 import torch
 
 import graphopt
-from graphopt.targets.hostcpu import host_cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import (configure, eager_runner, graphopt_runner, interleaved, machine, onnx_bytes,  # noqa: E402
+                    ort_runner, ort_session, quantile)
 from _docs import write_block  # noqa: E402
 from models import MODELS  # noqa: E402
 
 log = logging.getLogger("graphopt.bench")
 TUNING_RECORD = Path(__file__).resolve().parent / "latency_tuning.json"
-
-
-def eager_runner(model, inputs) -> Callable[[], None]:
-    def run():
-        with torch.inference_mode():
-            model(*inputs)
-    return run
-
-
-def ort_runner(model, inputs, threads: int) -> Callable[[], None]:
-    import onnxruntime as ort
-
-    buf = io.BytesIO()
-    torch.onnx.export(model, inputs, buf, opset_version=17, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-    return lambda: session.run(None, feed)
-
-
-def graphopt_runner(compiled, inputs) -> Callable[[], None]:
-    return compiled.runner.bind([x.numpy() for x in inputs])
-
-
-def interleaved(runners: Dict[str, Callable[[], None]], rounds: int, per_round: int = 5,
-                settle_s: float = 0.3, warmup_s: float = 0.05) -> Dict[str, List[float]]:
-    """Milliseconds per run: every round runs each engine ``per_round`` times in turn.
-
-    Each engine's thread pool spins after its last run (TVM's workers yield for about
-    300,000 iterations, OpenMP and ONNX Runtime spin too), stealing the cores from the
-    engine timed next. So each block starts after ``settle_s`` of quiet, then runs untimed
-    for ``warmup_s`` (at least once): after the quiet, one run is not enough to wake an
-    engine's threads and caches for sub-millisecond models (their next runs were up to 2x
-    slower, more so for engines with many small parallel kernels).
-    """
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            time.sleep(settle_s)
-            warm_until = time.perf_counter() + warmup_s
-            run()
-            while time.perf_counter() < warm_until:
-                run()
-            for _ in range(per_round):
-                start = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def quantile(values: List[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 def check_outputs(model, compiled, inputs) -> float:
@@ -147,7 +88,8 @@ def bench_model(name: str, trials: int, args) -> dict:
                tuning_s_now=round(info.seconds, 1), cache_hits=info.cache_hits,
                tuning_s_recorded=record.get(key, {}).get("seconds"),
                err_tuned=check_outputs(model, tuned, inputs))
-    runners = {"eager": eager_runner(model, inputs), "ort": ort_runner(model, inputs, args.threads),
+    runners = {"eager": eager_runner(model, inputs),
+               "ort": ort_runner(ort_session(onnx_bytes(model, inputs), args.threads), inputs),
                "untuned": graphopt_runner(untuned, inputs), "tuned": graphopt_runner(tuned, inputs)}
     rounds = args.rounds
     times = interleaved(runners, rounds)
@@ -158,18 +100,6 @@ def bench_model(name: str, trials: int, args) -> dict:
     untuned.close()
     tuned.close()
     return row
-
-
-def machine() -> dict:
-    cpu = host_cpu()
-    x86 = graphopt.get_target("x86")
-    import onnxruntime
-    import tvm
-
-    return {"cpu": cpu.model_name or platform.processor(), "mcpu": x86.mcpu,
-            "cores": os.cpu_count(), "features": ", ".join(x86.features),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "tvm": tvm.__version__,
-            "load": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
 
 
 def render(rows: List[dict], info: dict, args) -> str:
@@ -211,11 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/performance.md alone")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("torch", "tvm"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
+    configure(args.threads, args.quiet)
     rows = [bench_model(*model_budget(spec, args.trials), args) for spec in args.models]
     text = render(rows, machine(), args)
     print(text)

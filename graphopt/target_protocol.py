@@ -30,6 +30,10 @@ tune_trials=) -> stats``                tuned with ``tune_trials`` (the artifact
 ``check()``                 absent      ``optimize`` calls it before any work: a target that
                                         cannot compile here (a missing toolchain, an unknown
                                         CPU) raises then, not after the passes
+``check_graph(gm,           absent      ``optimize`` calls it right after capture, before the
+example_inputs)``                       passes: a graph the target cannot compile (an op it
+                                        has no translation for, an output that is not a
+                                        tensor) raises then, not after the passes
 =========================== =========== ======================================================
 
 Example:

@@ -99,7 +99,7 @@ def _to_caller(out: np.ndarray, dtype: str, as_torch: bool):
     import torch
 
     if as_torch:
-        t = torch.from_numpy(np.ascontiguousarray(out))
+        t = torch.from_numpy(np.ascontiguousarray(out).reshape(np.shape(out)))  # 0-d stays 0-d
         return t if str(t.dtype) == f"torch.{dtype}" else t.to(getattr(torch, dtype))
     return out if dtype == "bfloat16" or str(out.dtype) == dtype else out.astype(dtype)
 
@@ -343,6 +343,7 @@ class CompiledModel:
                 "trials_run": t.trials_run, "tasks": t.tasks, "tasks_tuned": t.tasks_tuned,
                 "cache_hits": t.cache_hits, "tuning_seconds": round(t.seconds, 2),
                 "build_seconds": self._manifest.get("build_seconds", 0.0),
+                "schedule_fallbacks": "; ".join(t.fallbacks) or "none",
                 **({"notes": "; ".join(self._manifest["notes"])} if self._manifest.get("notes") else {}),
                 **_sparse_summary(self._manifest.get("sparse_layers") or []),
                 "tuning": t.to_dict()}

@@ -11,7 +11,7 @@ Two pieces, run before legalization:
 
 * :func:`blocked_layout_pass`: Relax ``ConvertLayout`` with a callback choosing, per
   conv, the largest block <= the target's vector lanes that divides both channel counts
-  (grouped non-depthwise convs and convs with no such block stay NCHW), or one block for
+  (of one group, for grouped convs; convs with no such block stay NCHW), or one block for
   the whole model when TVM's layout inference rejects mixed blocks. The layout then
   propagates through bias adds, activations, residual adds and pooling, so transforms
   appear only where a layout-agnostic op (mean, flatten, Linear) needs NCHW back. Weight
@@ -46,7 +46,12 @@ def choose_block(c_in: int, c_out: int, lanes: int) -> int:
 
 
 def _conv_block(call, lanes: int) -> Tuple[int, bool]:
-    """(block for this conv2d call or 0, depthwise?)."""
+    """(block for this conv2d call or 0, depthwise?).
+
+    A grouped conv's block must divide the channels of one group (in and out), so that no
+    block straddles two groups: ResNeXt's 4-channel groups run in NCHW4c, RegNet's 8-channel
+    ones in NCHW8c; groups of fewer than 4 channels keep NCHW (TVM's grouped conv).
+    """
     weight_shape = [int(s) for s in call.args[1].ty.shape]
     data_shape = [int(s) for s in call.args[0].ty.shape]
     if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or len(data_shape) != 4:
@@ -57,7 +62,7 @@ def _conv_block(call, lanes: int) -> Tuple[int, bool]:
         return choose_block(c_in, c_out, lanes), False
     if groups == c_in == c_out and c_in_per_group == 1:
         return choose_block(c_in, c_out, lanes), True
-    return 0, False
+    return choose_block(c_in // groups, c_out // groups, lanes), False
 
 
 def _narrow_input_block(call, lanes: int) -> Tuple[int, int]:
@@ -125,7 +130,7 @@ def blocked_layout_pass(lanes: int, uniform: bool = False, narrow_inputs: bool =
             return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o" if depthwise
                                         else f"OIHW{block}i{block}o"]}
 
-        return relax.transform.ConvertLayout({}, layout_cb=layout_cb)(clip_as_min_max()(mod))
+        return relax.transform.ConvertLayout({}, layout_cb=layout_cb)(split_as_slices()(clip_as_min_max()(mod)))
 
     return transform
 
@@ -169,6 +174,47 @@ def clip_as_min_max():
     return transform
 
 
+def split_as_slices():
+    """Rewrite a channel ``split`` of a 4-d tensor as one ``strided_slice`` per part.
+
+    TVM 0.27's layout inference moves such a split onto the outer channel axis of an
+    NCHW[x]c input but keeps its indices in channels, so the parts come out with wrong shapes
+    (MixNet's mixed convs after a blocked depthwise conv: "Argument 0 type mismatch").
+    ``strided_slice`` falls back to NCHW on blocked inputs, which is correct.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x = wildcard()
+    pattern = is_op("relax.split")(x)
+
+    def rewrite(expr, matches):
+        data = matches[x]
+        shape = [int(d) for d in data.ty.shape] if hasattr(data.ty, "shape") else None
+        axis = int(expr.attrs.axis)
+        if shape is None or len(shape) != 4 or axis % 4 != 1:
+            return expr
+        sections = expr.attrs.indices_or_sections
+        if isinstance(sections, (int, tvm.tirx.IntImm)) or hasattr(sections, "value"):
+            n = int(getattr(sections, "value", sections))
+            step = -(-shape[1] // n)
+            bounds = list(range(0, shape[1], step)) + [shape[1]]
+        else:
+            bounds = [0] + [int(i) for i in sections] + [shape[1]]
+        return relax.Tuple([relax.op.strided_slice(data, axes=[1], begin=[b], end=[e])
+                            for b, e in zip(bounds, bounds[1:])])
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.SplitAsSlices")
+    def transform(mod, _ctx):
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = rewrite_call(pattern, rewrite, func)
+        return mod
+
+    return transform
+
+
 def _blocked(layout: str) -> bool:
     return len(layout) > 4
 
@@ -180,10 +226,12 @@ def _legalize_conv2d(bb, call):
     if not _blocked(attrs.data_layout):
         return _nn_conv2d(bb, call)
     out_dtype = attrs.out_dtype if attrs.out_dtype != "" else None
-    if int(attrs.groups) == 1:
+    groups = int(attrs.groups)
+    weight_in_blocks = int(call.args[1].ty.shape[1])
+    if groups == 1 or weight_in_blocks * groups == int(call.args[0].ty.shape[1]):  # dense, or grouped
         return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], attrs.strides,
-                          attrs.padding, attrs.dilation, out_dtype or call.args[0].ty.dtype,
-                          primfunc_name_hint="conv2d_NCHWc")
+                          attrs.padding, attrs.dilation, out_dtype or call.args[0].ty.dtype, groups,
+                          primfunc_name_hint="conv2d_NCHWc" if groups == 1 else "group_conv2d_NCHWc")
     # TOPI's depthwise_conv2d_NCHWc is a generic function with no default implementation
     return bb.call_te(depthwise_conv2d_nchwc, call.args[0], call.args[1], attrs.strides,
                       attrs.padding, attrs.dilation, out_dtype or call.args[0].ty.dtype,
@@ -213,17 +261,20 @@ def _pad_hw(data, top, left, bottom, right, attrs=None):
     return te.compute((n, c, h + top + bottom, w + left + right, b), value, name="pad_temp", attrs=attrs or {})
 
 
-def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
-    """Conv, data ``[N, C/b, H, W, b]``, kernel ``[O/b, C/b, KH, KW, b(in), b(out)]`` (TE).
+def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype, groups: int = 1):
+    """Conv, data ``[N, C/b, H, W, b]``, kernel ``[O/b, C/g/b, KH, KW, b(in), b(out)]`` (TE).
 
     Unlike TOPI's ``conv2d_NCHWc`` (one fused input-channel reduction indexed with div/mod),
     the input-channel chunk and block are separate reduction axes, so the block stays a
     clean, contiguous axis to vectorize and unroll. The blocks carry the annotations of
-    graphopt's hand-written design space (:mod:`graphopt.targets.schedules`).
+    graphopt's hand-written design spaces (:mod:`graphopt.targets.schedules`). With
+    ``groups`` > 1, output block ``oc`` reads the input chunks of its group only (the block
+    divides a group's channels, see :func:`_conv_block`): the same register-tiled kernel,
+    one group at a time.
     """
     from tvm import te
 
-    from .schedules import CONV2D_NCHWC_RULE
+    from .schedules import CONV2D_NCHWC_RULE, GROUPED_CONV2D_NCHWC_RULE
 
     kh_size, kw_size = int(kernel.shape[2]), int(kernel.shape[3])
     strides, dilation = [int(s) for s in strides], [int(d) for d in dilation]
@@ -234,22 +285,38 @@ def conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
     icb = te.reduce_axis((0, int(kernel.shape[4])), name="icb")
     kh = te.reduce_axis((0, kh_size), name="kh")
     kw = te.reduce_axis((0, kw_size), name="kw")
+    if groups == 1:  # the dense kernel's TIR is unchanged (its tuning records stay valid)
+        return te.compute(
+            (data.shape[0], kernel.shape[0], out_h, out_w, kernel.shape[5]),
+            lambda n, oc, h, w, ob: te.sum(
+                padded[n, icc, h * sh + kh * dh, w * sw + kw * dw, icb].astype(out_dtype)
+                * kernel[oc, icc, kh, kw, icb, ob].astype(out_dtype), axis=[icc, kh, kw, icb]),
+            name="conv2d_NCHWc", attrs={"schedule_rule": CONV2D_NCHWC_RULE})
+    out_chunks_per_group, in_chunks_per_group = int(kernel.shape[0]) // groups, int(kernel.shape[1])
     return te.compute(
         (data.shape[0], kernel.shape[0], out_h, out_w, kernel.shape[5]),
         lambda n, oc, h, w, ob: te.sum(
-            padded[n, icc, h * sh + kh * dh, w * sw + kw * dw, icb].astype(out_dtype)
+            padded[n, oc // out_chunks_per_group * in_chunks_per_group + icc, h * sh + kh * dh,
+                   w * sw + kw * dw, icb].astype(out_dtype)
             * kernel[oc, icc, kh, kw, icb, ob].astype(out_dtype), axis=[icc, kh, kw, icb]),
-        name="conv2d_NCHWc", attrs={"schedule_rule": CONV2D_NCHWC_RULE})
+        name="conv2d_NCHWc", attrs={"schedule_rule": GROUPED_CONV2D_NCHWC_RULE, "groups": groups})
 
 
 def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
-    """Depthwise conv, data ``[N, C/b, H, W, b]``, kernel ``[C/b, 1, KH, KW, 1, b]`` (TE)."""
+    """Depthwise conv, data ``[N, C/b, H, W, b]``, kernel ``[C/b, 1, KH, KW, 1, b]`` (TE).
+
+    The block carries the annotation of graphopt's hand-written depthwise design space
+    (:mod:`graphopt.targets.schedules.depthwise`), which folds the padding into the loads.
+    """
     from tvm import te
+
+    from .schedules import DEPTHWISE_NCHWC_RULE
 
     _, cb, _, _, block = data.shape
     kh_size, kw_size = int(kernel.shape[2]), int(kernel.shape[3])
     strides, dilation = [int(s) for s in strides], [int(d) for d in dilation]
-    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation)
+    padded, out_h, out_w = _pad_and_size(data, (kh_size, kw_size), strides, [int(p) for p in padding], dilation,
+                                         pad_attrs={"schedule_rule": "None"})
     (sh, sw), (dh, dw) = strides, dilation
     kh = te.reduce_axis((0, kh_size), name="kh")
     kw = te.reduce_axis((0, kw_size), name="kw")
@@ -258,7 +325,7 @@ def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
         lambda n, c, h, w, b: te.sum(
             padded[n, c, h * sh + kh * dh, w * sw + kw * dw, b].astype(out_dtype)
             * kernel[c, 0, kh, kw, 0, b].astype(out_dtype), axis=[kh, kw]),
-        name="depthwise_conv2d_NCHWc")
+        name="depthwise_conv2d_NCHWc", attrs={"schedule_rule": DEPTHWISE_NCHWC_RULE})
 
 
 def legalize_map() -> Dict[str, object]:

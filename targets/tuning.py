@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from graphopt.context import no_progress
-from graphopt.errors import TargetError
 
 __all__ = ["TuningInfo", "allocate_capped", "allocate_trials", "tune", "tuning_tasks"]
 
 _log = logging.getLogger("graphopt.targets")
 
 FLOOR_TRIALS = 8        # per task, when the budget allows it
-CUSTOM_SPACE_TRIALS = 40  # a hand-written conv space has at most about 36 points (targets/schedules.py)
 MAX_TRIALS_PER_ITER = 64
 
 
@@ -55,6 +53,8 @@ class TuningInfo:
         tasks_with_records: tasks the build found a tuned schedule for.
         seconds: wall time of the tuning phase (including cache I/O).
         note: why tuning was skipped, if it was.
+        fallbacks: one line per kernel whose search found no working schedule: what it runs
+            instead (MetaSchedule's generic search, or TVM's default schedule) and why.
     """
 
     trials_requested: int = 0
@@ -66,6 +66,7 @@ class TuningInfo:
     tasks_with_records: int = 0
     seconds: float = 0.0
     note: str = ""
+    fallbacks: List[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,7 +147,8 @@ class _Task:
     flops: float
     key: str
     skip: bool = False
-    custom: bool = False  # scheduled by graphopt's hand-written rule (targets/schedules.py)
+    custom: bool = False  # scheduled by one of graphopt's hand-written rules (targets/schedules/)
+    cap: Optional[int] = None  # the most trials its hand-written space can use
     budget: int = 0
     done: int = 0
 
@@ -204,7 +206,7 @@ def tuning_tasks(prepared, tvm_target) -> List[_Task]:
     from tvm.s_tir import analysis
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import uses_custom_rule
+    from .schedules import trial_cap
 
     skip = not_worth_tuning(prepared)
     tasks = []
@@ -218,7 +220,7 @@ def tuning_tasks(prepared, tvm_target) -> List[_Task]:
             flops = 1.0
         tasks.append(_Task(name=t.task_name, mod=mod, target=t.target, weight=int(t.weight),
                            flops=flops, key=str(tvm_ffi.structural_hash(mod)), skip=t.task_name in skip,
-                           custom=uses_custom_rule(mod)))
+                           custom=trial_cap(mod) is not None, cap=trial_cap(mod)))
     return tasks
 
 
@@ -306,7 +308,7 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
 
     tasks = tuning_tasks(prepared, tvm_target)
     info.tasks = len(tasks)
-    caps = [CUSTOM_SPACE_TRIALS if t.custom else None for t in tasks]
+    caps = [t.cap for t in tasks]
     for task, budget in zip(tasks, allocate_capped(trials, [t.cost for t in tasks], caps)):
         task.budget = budget
     cache = TuningCache(target.cache_key(), root=target.cache_dir)
@@ -352,13 +354,11 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
                              len(todo), task.name, task.flops / 1e6, task.weight, extra,
                              f" on top of {task.done} cached" if task.done else "")
                     before = _records_of(tuning_db, task.mod)
-                    try:
-                        _tune_one(task, extra, work_dir=work, database=tuning_db, builder=builder,
-                                  runner=runner, cost_model=cost_model, callbacks=callbacks,
-                                  seed=int(task.key) % (2**31 - 1))
-                    except Exception as e:
-                        raise TargetError(f"tuning task {task.name} for {target.name} failed: "
-                                          f"{type(e).__name__}: {e}") from e
+                    tools = dict(work_dir=work, database=tuning_db, builder=builder, runner=runner,
+                                 cost_model=cost_model, callbacks=callbacks, seed=int(task.key) % (2**31 - 1))
+                    failure = _try_tune(task, extra, **tools)
+                    if not _has_schedule(task.mod, tuning_db, snap.database):
+                        info.fallbacks.append(_fall_back(task, extra, failure, log=log, target=target, **tools))
                     new = _records_of(tuning_db, task.mod)[len(before):]
                     info.trials_run += len(new)
                     info.tasks_tuned += 1
@@ -366,11 +366,83 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
         database = UnionDatabase(snap.database, tuning_db) if todo else snap.database
         info.tasks_with_records = sum(
             1 for t in tasks if database.query_tuning_record(t.mod, t.target, "main") is not None)
+        noted = {line.split(":", 1)[0] for line in info.fallbacks}
+        info.fallbacks += [f"{t.name}: TVM default schedule (the cache holds no working schedule for it)"
+                           for t in tasks if t.done and t.name not in noted
+                           and database.query_tuning_record(t.mod, t.target, "main") is None]
     info.seconds = time.perf_counter() - start
     log.info("%s: tuning done in %.1f s: %d trials run, %d tasks tuned, %d cache hits, %d/%d tasks "
              "have tuned schedules", target.name, info.seconds, info.trials_run, info.tasks_tuned,
              info.cache_hits, info.tasks_with_records, info.tasks)
     return database, info
+
+
+def _try_tune(task: _Task, trials: int, **tools) -> Optional[Exception]:
+    """Tune ``task``; the exception that stopped it (a design space that raised), or None."""
+    try:
+        _tune_one(task, trials, **tools)
+    except Exception as e:  # noqa: BLE001 (ScheduleError, TVMError...: the fallback handles all)
+        return e
+    return None
+
+
+def _has_schedule(mod, *databases) -> bool:
+    """Some database holds a record of ``mod`` that built and ran (failures are stored as 1e10 s)."""
+    return any(db.has_workload(mod) and db.get_top_k(db.commit_workload(mod), 1) for db in databases)
+
+
+def _fall_back(task: _Task, trials: int, failure: Optional[Exception], *, log, target, **tools) -> str:
+    """No candidate of ``task`` works: find it a schedule that does, and say which (one line).
+
+    A kernel with graphopt's hand-written space is searched again with MetaSchedule's generic
+    rules (its blocks' ``schedule_rule`` annotations removed; the records found are stored
+    under the original kernel, which they replay on). Without any working record the build
+    keeps TVM's default schedule for it: slow, but the model compiles.
+    """
+    reason = (f"{type(failure).__name__}: {_first_line(failure)}" if failure is not None
+              else "every candidate failed to build or run")
+    how = "TVM default schedule"
+    if task.custom:
+        generic = _without_schedule_rules(task.mod)
+        retry = dataclasses.replace(task, mod=generic, custom=False, cap=None)
+        if _try_tune(retry, trials, **tools) is None and _copy_records(tools["database"], generic, task.mod):
+            how = "MetaSchedule's generic search"
+    line = f"{task.name}: {how} (the hand-written space failed: {reason})" if task.custom else \
+        f"{task.name}: {how} ({reason})"
+    log.warning("%s: no working schedule for %s; it runs with %s instead. Cause: %s", target.name,
+                task.name, how, reason)
+    return line
+
+
+def _first_line(error: Exception) -> str:
+    """The message line that says what went wrong (TVM's start with tracebacks and IR)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    told = [ln for ln in lines if ln.startswith("Error message:")]
+    return (told or lines or [""])[0][:300]
+
+
+def _without_schedule_rules(mod):
+    """``mod`` with every block's ``schedule_rule`` annotation removed (generic rules apply)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(mod)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if "schedule_rule" in sch.get(block).annotations:
+            sch.unannotate(block, "schedule_rule")
+    return sch.mod
+
+
+def _copy_records(database, source, dest) -> int:
+    """Commit ``source``'s working records again under ``dest``'s workload; how many."""
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    if not database.has_workload(source):
+        return 0
+    workload = database.commit_workload(dest)
+    best = database.get_top_k(database.commit_workload(source), 32)
+    for r in best:
+        database.commit_tuning_record(TuningRecord(r.trace, workload, r.run_secs, r.target, r.args_info))
+    return len(best)
 
 
 def _records_of(database, mod) -> list:

@@ -212,6 +212,21 @@ class Conv1dNet(nn.Module):
         return self.fc(self.c3(x).mean(-1))
 
 
+class MatmulNet(nn.Module):
+    """Self-attention-like: two projections multiplied together, functional conv with model weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(16, 8, 3) * 0.2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (N, 8, 16)
+        x = F.conv1d(x.transpose(1, 2), self.w, padding=1).transpose(1, 2)
+        att = torch.matmul(self.q(x), self.k(x).transpose(1, 2))
+        return self.head(torch.matmul(torch.softmax(att, -1), x).mean(1))
+
+
 # ---- timm's patterns, written as timm writes them (pure PyTorch: the default suite has no timm) ----
 
 class BatchNormAct2d(nn.BatchNorm2d):

@@ -54,3 +54,23 @@ def test_compile_torchvision_for_x86(name):
     ref = opt.graph_module(*x)
     got = opt(*x)
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("name,rule", [("regnet_x_400mf", "graphopt_grouped_conv2d_nchwc"),
+                                       ("resnext50_32x4d", "graphopt_grouped_conv2d_nchwc"),
+                                       ("shufflenet_v2_x1_0", "graphopt_depthwise_conv2d_nchwc")])
+def test_grouped_and_depthwise_convs_get_the_hand_written_blocked_kernels(name, rule):
+    """Lowering only (64x64: the layouts do not depend on the size): the nets' grouped convs
+    (groups of 8-32 channels in RegNet, 4-32 in ResNeXt) and depthwise ones run blocked."""
+    from graphopt.targets import schedules
+    from graphopt.targets.pipeline import prepare
+    from graphopt.targets.schedules.unmeasured import hand_written_tasks
+
+    model, _ = build(name)
+    x = (torch.randn(1, 3, 64, 64),)
+    target = graphopt.get_target("x86")
+    gm = graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=x, progress=False).graph_module
+    prepared = prepare(target.lower(gm, x).mod, target.tvm(), prepack=target.weight_prepack,
+                       layout_block=target.layout_block)
+    rules = [schedules.custom_rule(mod) for _, mod in hand_written_tasks(prepared, target.tvm())]
+    assert rules.count(rule) >= 5 and schedules.CONV2D_NCHWC_RULE in rules

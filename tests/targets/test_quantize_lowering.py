@@ -85,10 +85,8 @@ def test_compiled_agrees_with_simulated(name):
 
 
 def test_int8_activations_matmul_and_functional_conv_compile_exactly():
-    from test_quantize import MatmulNet
-
     torch.manual_seed(0)
-    model = MatmulNet().eval()
+    model = zoo.MatmulNet().eval()
     inputs = (torch.randn(4, 16, 8),)
     opt = quantized(model, inputs, {"activation_dtype": "int8"}, passes=(), target="x86")
     x = torch.randn(4, 16, 8)
@@ -107,9 +105,9 @@ def test_per_tensor_and_relu6_compile_exactly():
 
 @needs_fashion_mnist
 def test_fashion_mnist_compiled_int8_accuracy_and_agreement():
-    from test_quantize import _fashion
+    from graphopt import data
+    from graphopt.models import fashion_cnn as models
 
-    models, data = _fashion()
     model = models.load_default_model()
     batch = 250
     images, labels = data.fashion_mnist_batches("test", batch_size=batch)[0]
@@ -150,9 +148,9 @@ def test_arm_compiled_agrees_with_simulated(name, target, options):
 @needs_arm_toolchain
 @needs_fashion_mnist
 def test_fashion_mnist_int8_on_arm_under_qemu():
-    from test_quantize import _fashion
+    from graphopt import data
+    from graphopt.models import fashion_cnn as models
 
-    models, data = _fashion()
     model = models.load_default_model()
     batch, limit = 250, 500  # emulated and untuned: about 10 s per batch
     images, _ = data.fashion_mnist_batches("test", batch_size=batch)[0]

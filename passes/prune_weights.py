@@ -6,8 +6,8 @@ same MACs in PyTorch and on a dense kernel. What it buys is the pattern: every p
 carries the mask and its structure (the contract in :mod:`graphopt.sparsity`: the bool buffer
 ``weight_mask``, True where kept, and the attribute ``weight_sparsity``, a
 ``SparsityPattern(block, n_m)``), which keeps the zeros through ``distill`` and ``quantize`` and
-tells a target's lowering which layers are sparse and how (graphopt has no sparse kernel yet:
-docs/prune_weights.md).
+tells a target's lowering which layers are sparse and how (graphopt's x86/ARM lowering runs
+masked Linear and 1x1 conv layers on sparse kernels where they time faster: docs/prune_weights.md).
 
 How much is pruned (give one of ``sparsity``, ``alpha``, ``n_m``; the default is
 ``sparsity=0.5``):
@@ -359,7 +359,8 @@ def _report(ctx, gm, layers: Dict[str, nn.Module], dense: Dict[str, str], s: Set
     blocks = {pattern_of(m).block[0] for m in layers.values()}
     fmt = "CSR" if blocks == {1} else f"BSR ({max(blocks)}, 1)" if len(blocks) == 1 else "CSR/BSR"
     ctx.note(f"pruned layers' weights: {human(dense_b, 'B')} dense, {human(packed_b, 'B')} compressed "
-             f"({fmt}: fp32 values, int32 indices; an estimate, artifacts still store them dense): "
+             f"({fmt}: fp32 values, int32 indices; an estimate: a compiled model stores compressed only "
+             f"the layers its target runs sparse, see its sparse_layers): "
              f"{packed_b / max(dense_b, 1):.2f}x")
 
 

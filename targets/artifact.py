@@ -127,6 +127,14 @@ def _save_params(path: Path, params: Sequence[np.ndarray]) -> None:
     np.savez(path, **{f"p{i:04d}": np.ascontiguousarray(p) for i, p in enumerate(params)})
 
 
+def _sparse_summary(layers: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The masked layers' kernels for the compile summary: a line, and the per-layer records."""
+    if not layers:
+        return {}
+    n = sum(r["kernel"] == "sparse" for r in layers)
+    return {"sparse": f"{n} of {len(layers)} masked layers on sparse kernels", "sparse_layers": layers}
+
+
 class CompiledModel:
     """A compiled model bound to a target; call it like the torch graph it came from.
 
@@ -186,6 +194,7 @@ class CompiledModel:
             "outputs": [s.to_dict() for s in lowered.outputs],
             "io_dtypes": lowered.io_dtypes,
             "notes": list(lowered.notes),
+            "sparse_layers": list(getattr(lowered, "sparse_layers", [])),
             "out_tree": lowered.out_tree,
             "params": [TensorSpec(f"p{i:04d}", tuple(p.shape), str(p.dtype)).to_dict()
                        for i, p in enumerate(params)],
@@ -336,7 +345,12 @@ class CompiledModel:
                 "build_seconds": self._manifest.get("build_seconds", 0.0),
                 "schedule_fallbacks": "; ".join(t.fallbacks) or "none",
                 **({"notes": "; ".join(self._manifest["notes"])} if self._manifest.get("notes") else {}),
+                **_sparse_summary(self._manifest.get("sparse_layers") or []),
                 "tuning": t.to_dict()}
+
+    def set_sparse_layers(self, layers: List[Dict[str, Any]]) -> None:
+        """Replace the masked layers' records (the whole-model check's verdict, before any save)."""
+        self._manifest["sparse_layers"] = [dict(r) for r in layers]
 
     @property
     def manifest(self) -> Dict[str, Any]:

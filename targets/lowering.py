@@ -40,6 +40,7 @@ from graphopt.errors import InputShapeError, TargetError
 from . import aten  # noqa: F401  (register graphopt's translations of ATen ops)
 from .coverage import check_ops, check_outputs, export
 from .int8 import blocked, relax_lowering  # noqa: F401  (register graphopt's own translations)
+from .sparse import lowering as sparse_lowering
 from .translations import LoweringState, add_unique, convert_map, register_translation, translations
 
 __all__ = ["LoweredModel", "LoweringState", "TensorSpec", "lower", "register_relax_rewrite",
@@ -92,6 +93,8 @@ class LoweredModel:
         io_dtypes: ``{"inputs": [...], "outputs": [...]}``, the caller's dtypes, when the library
             computes in others (a float16 model compiled in float32); None when they are the same.
         notes: what the lowering changed that a user should know (for the compile summary).
+        sparse_layers: per masked layer, the kernel chosen and why
+            (:class:`~graphopt.targets.sparse.lowering.SparseRecord` as dicts).
     """
 
     mod: Any
@@ -102,6 +105,7 @@ class LoweredModel:
     out_tree: str
     io_dtypes: Optional[Dict[str, List[str]]] = None
     notes: List[str] = dataclasses.field(default_factory=list)
+    sparse_layers: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _var_name(var) -> str:
@@ -143,8 +147,11 @@ def weights_as_parameters(gm):
     return gm
 
 
-def lower(gm, example_inputs: Sequence) -> LoweredModel:
+def lower(gm, example_inputs: Sequence, *, sparse: Optional["sparse_lowering.SparsePlan"] = None) -> LoweredModel:
     """Translate ``gm`` for ``example_inputs``' shapes into a Relax module plus weights.
+
+    ``sparse``: how masked layers (:mod:`graphopt.sparsity`) are treated; None keeps them dense
+    (``Target.lower`` passes one that times both kernels on the target, :mod:`.sparse.choice`).
 
     Raises:
         InputShapeError: an example input is not a tensor.
@@ -162,7 +169,8 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
         raise InputShapeError("example_inputs must be a non-empty tuple of torch tensors, got "
                               + ", ".join(type(x).__name__ for x in inputs))
     check_outputs(gm, inputs)
-    ep, inputs, io_dtypes, notes = exported(gm, inputs)
+    records: list = []  # the masked layers' kernels, filled by the sparse rewrite
+    ep, inputs, io_dtypes, notes = exported(gm, inputs, sparse, records)
     check_ops(ep)  # every untranslatable op at once, before the frontend stops at the first
     state = LoweringState()  # what graphopt's translations remember during this lowering only
     try:
@@ -209,14 +217,20 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
                                 for i, o in enumerate(outputs)]
     return LoweredModel(mod=mod, params=params, param_specs=param_specs, inputs=input_specs,
                         outputs=outputs, out_tree=pytree.treespec_dumps(out_spec), io_dtypes=io_dtypes,
-                        notes=notes)
+                        notes=notes, sparse_layers=[r.to_dict() for r in records])
 
 
-def exported(gm, inputs: Tuple) -> Tuple[Any, Tuple, Optional[Dict[str, List[str]]], List[str]]:
+def exported(gm, inputs: Tuple, sparse=None, records: Optional[list] = None
+             ) -> Tuple[Any, Tuple, Optional[Dict[str, List[str]]], List[str]]:
     """``(program, inputs, io_dtypes, notes)``: ``gm`` exported as the frontend will translate it
-    (weights as parameters, half precision in float32, the core ATen decomposition run)."""
+    (weights as parameters, half precision in float32, the masked layers ``sparse`` chooses on
+    sparse ops, their records appended to ``records``; the core ATen decomposition run)."""
     module = weights_as_parameters(gm).eval()
     module, inputs, io_dtypes, notes = _in_float32_if_half(module, inputs)
+    if sparse is not None:
+        found = sparse_lowering.rewrite(module, inputs, sparse)
+        if records is not None:
+            records.extend(found)
     return export(module, inputs), inputs, io_dtypes, notes
 
 

@@ -75,9 +75,28 @@ def prepare(mod, target, *, prepack: bool = True, layout_block: int = 0):
         relax.transform.FuseTIR(),
     ]
     if prepack:
-        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+        passes += [relax.transform.AttachAttrLayoutFreeBuffers(), _no_layout_rewrite_in_prescheduled()]
     with target:
         return tvm.transform.Sequential(passes)(mod)
+
+
+def _no_layout_rewrite_in_prescheduled():
+    """A pass dropping ``layout_free_buffers`` from pre-scheduled kernels: no schedule will
+    rewrite their weights' layout (graphopt's sparse kernels read compressed weights as they
+    are), and ``SplitLayoutRewritePreproc`` rejects hand-written loop nests that carry it."""
+    import tvm
+
+    from .tuning import is_prescheduled
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.NoLayoutRewriteInPrescheduled")
+    def strip(mod, _ctx):
+        for gv, func in list(mod.functions_items()):
+            attrs = getattr(func, "attrs", None)
+            if is_prescheduled(func) and attrs is not None and "layout_free_buffers" in attrs:
+                mod[gv] = func.without_attr("layout_free_buffers")
+        return mod
+
+    return strip
 
 
 def _blocked(mod, target, lanes: int):

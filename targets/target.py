@@ -234,10 +234,14 @@ class Target:
     # --- phases ----------------------------------------------------------------------------
 
     def lower(self, gm, example_inputs: Sequence):
-        """fx.GraphModule -> :class:`~graphopt.targets.lowering.LoweredModel` (Relax + weights)."""
-        from .lowering import lower
+        """fx.GraphModule -> :class:`~graphopt.targets.lowering.LoweredModel` (Relax + weights).
 
-        return lower(gm, tuple(example_inputs))
+        Masked layers run graphopt's sparse kernels where they time faster here
+        (:mod:`graphopt.targets.sparse.choice`)."""
+        from .lowering import lower
+        from .sparse.choice import plan_for
+
+        return lower(gm, tuple(example_inputs), sparse=plan_for(self))
 
     def tune(self, lowered, trials: Optional[int], *, progress: Optional[Callable] = None,
              log: Optional[logging.Logger] = None):
@@ -272,6 +276,9 @@ class Target:
                 progress: Optional[Callable] = None, log: Optional[logging.Logger] = None):
         """Lower, tune (``tune_trials`` None or 0: TVM's default schedules) and build ``gm``.
 
+        When layers went sparse, the whole model is also built dense and both are timed: the
+        faster is returned (:func:`graphopt.targets.sparse.choice.check_whole_model`).
+
         Args:
             gm: an eval-mode ``torch.fx.GraphModule``; outputs a tensor or a (nested)
                 tuple/list of tensors.
@@ -290,7 +297,11 @@ class Target:
         logger.info("%s: lowered to Relax in %.1f s (%d weights)", self.name,
                     time.perf_counter() - start, len(lowered.params))
         prepared, database, info = self.tune(lowered, tune_trials, progress=progress, log=logger)
-        return self.build(lowered, prepared, database, tuning=info, log=logger)
+        compiled = self.build(lowered, prepared, database, tuning=info, log=logger)
+        from .sparse.choice import check_whole_model
+
+        return check_whole_model(self, gm, example_inputs, compiled, tune_trials=tune_trials,
+                                 progress=progress, log=logger)
 
     def measure_latency(self, gm, example_inputs: Sequence, *, repeat: Optional[int] = None,
                         budget_s: float = 2.0, tune_trials: Optional[int] = None) -> float:

@@ -94,9 +94,22 @@ def render_text(report: Report, diffs: bool = False) -> str:
     if report.compile:
         c = report.compile
         lines.append("\ncompiled: " + ", ".join(f"{k}={v}" for k, v in c.items() if not isinstance(v, (dict, list))))
+        lines += [_sparse_line(r) for r in c.get("sparse_layers") or []]
     f = report.final
     if f is not None:
         lines.append(f"\nfinal: {params_change(o.params, f.params, f.params_masked)} params, {change(o.macs, f.macs)} MACs, "
                      f"{change(o.bytes, f.bytes, 'B')}"
                      + (f", accuracy {f.accuracy:.4f}" if f.accuracy is not None else ""))
     return "\n".join(lines)
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f} ms"
+
+
+def _sparse_line(r: dict) -> str:
+    """A masked layer's kernel in the compiled model (the target's ``sparse_layers`` record)."""
+    return (f"  masked {r.get('name')} ({r.get('kind')}, {100 * r.get('sparsity', 0):.0f}% zeros, block "
+            f"{r.get('block')}): {r.get('kernel')} kernel, dense {_ms(r.get('dense_ms'))}, sparse "
+            f"{_ms(r.get('sparse_ms'))}, stores {human(r.get('stored_bytes', 0))}B of {human(r.get('dense_bytes', 0))}B"
+            f": {r.get('reason')}")

@@ -133,3 +133,43 @@ def test_tuning_measures_on_the_remote_device(farm, tmp_path):
     with target.compile(gm, (x,), tune_trials=2) as compiled:
         assert compiled.tuning.trials_run >= 1 and compiled.tuning.tasks_with_records >= 1
         assert rel_error(compiled(x), gm(x)) < 1e-4
+
+
+def test_sparse_kernels_exact_under_qemu_with_neon(sysroot, tmp_path):
+    """graphopt's sparse kernels (forced: under qemu the lowering keeps dense) cross-compile,
+    run exact under qemu, and multiply-add in NEON vector registers."""
+    import shutil
+    import subprocess
+
+    import torch.nn as nn
+
+    from graphopt.sparsity import SparsityPattern, set_mask
+    from graphopt.targets.lowering import lower
+    from graphopt.targets.sparse.choice import forced
+    from graphopt.targets.sparse.lowering import SparsePlan
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw, self.fc = nn.Conv2d(13, 20, 1), nn.Linear(20 * 35, 9)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.pw(x)).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for layer, block in ((model.pw, 4), (model.fc, 1)):
+        keep = torch.rand(layer.weight.shape[0] // block, layer.weight.shape[1]) > 0.8
+        set_mask(layer, keep.repeat_interleave(block, 0).reshape(layer.weight.shape), SparsityPattern((block, 1)))
+    x = torch.randn(1, 13, 7, 5)
+    target = graphopt.get_target("arm-rpi4")
+    lowered = lower(torch.fx.symbolic_trace(model), (x,), sparse=SparsePlan(forced(True), lanes=4, threads=2))
+    assert [r["kernel"] for r in lowered.sparse_layers] == ["sparse", "sparse"]
+    prepared, database, info = target.tune(lowered, 0)
+    with target.build(lowered, prepared, database, tuning=info) as compiled:
+        assert rel_error(compiled(x), model(x)) < 1e-4
+        saved = compiled.save(tmp_path / "m")
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump:
+        text = subprocess.run([objdump, "-d", str(saved / LIB)], capture_output=True, text=True, check=True).stdout
+        assert "fmla\tv" in text  # vector fused multiply-add (NEON)

@@ -169,6 +169,101 @@ class FloatEpilogueInt8(nn.Module):
         return self.head(self.b3(self.c3(self.b2(self.c2(self.b1(self.c1(x))))))).mean((2, 3))
 
 
+class ShapeFromInputAttention(nn.Module):
+    """EdgeNeXt's CrossCovarianceAttn: `B, N, C = x.shape` read from the block input, then
+    `reshape(B, N, C)` of the attention output, whose channels are frozen (qkv unbind)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv = nn.Linear(8, 32), nn.Linear(32, 96)
+        self.proj, self.head = nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 4, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.head(x + self.proj(y)).mean(1)
+
+
+class FloorDivideFloat(nn.Module):
+    """EdgeNeXt's PositionalEncodingFourier: `torch.div(float_arange, 2, rounding_mode='floor')`."""
+
+    def forward(self, x):
+        dim_t = torch.arange(x.shape[-1], dtype=torch.int64, device=x.device).to(torch.float32)
+        dim_t = 10000 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / x.shape[-1])
+        return x / dim_t
+
+
+class NearestUpsampleGate(nn.Module):
+    """GhostNetV2's DFC attention: pool 7x7 -> 3x3, gate, `F.interpolate(size=7x7, mode='nearest')`:
+    a non-integer ratio, where TVM picks other source pixels than PyTorch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        gate = self.conv(F.avg_pool2d(x, 2, 2)).sigmoid()
+        return x * F.interpolate(gate, size=x.shape[-2:], mode="nearest")
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG / MobileOne / FastViT training-time block: 3x3 conv+BN, 1x1 conv+BN and an
+    identity BN summed on the same input: one 3x3 conv at inference."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.identity(x))
+
+
+class RepVGGNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 16, 3, padding=1), RepVGGBlock(), nn.Conv2d(16, 10, 1)
+
+    def forward(self, x):
+        return self.head(self.block(F.relu(self.stem(x)))).mean((2, 3))
+
+
+class ResizeIfNeeded(nn.Module):
+    """MobileViT's MobileVitBlock: `if new_h != H or new_w != W:` on traced sizes. Must stay a
+    CaptureError; the message calls it control flow "on a tensor value" and offers concrete_args,
+    where the branch is on the input's size (the leaf_modules advice does work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        new_h, new_w = math.ceil(H / 2) * 2, math.ceil(W / 2) * 2
+        if new_h != H or new_w != W:
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        return self.conv(x).mean((2, 3))
+
+
+class DualPath(nn.Module):
+    """DPN's DualPathBlock: channel slices `x[:, :n]` / `x[:, n:]` of one tensor, a residual
+    add on the first part and a dense concat of the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 48, 3, padding=1), nn.Conv2d(48, 40, 3, padding=1)
+        self.head = nn.Conv2d(56, 10, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = F.relu(self.conv(x))
+        out = torch.cat([x[:, :32] + y[:, :32], x[:, 32:], y[:, 32:]], dim=1)
+        return self.head(out).mean((2, 3))
+
+
 # --------------------------------------------------------------------------------------------
 # The checks (each prints the symptom on the current code)
 # --------------------------------------------------------------------------------------------
@@ -189,15 +284,34 @@ def check_fuse(model, x) -> str:
            f"{len(before.after_layer)} BatchNorms after a conv left"
 
 
-def check_prune(model, x) -> str:
+def check_merge(model, x) -> str:
+    import graphopt
+    import timm_zoo
+
+    opt = graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=x, progress=False)
+    gm = opt.graph_module
+    convs = sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d))
+    kept = [m.split(" kept: ")[1] for m in opt.report["fuse_conv_bn"].messages if " kept: " in m]
+    return f"after fuse_conv_bn: {convs} convs and {timm_zoo.batchnorms(gm).total} BatchNorm(s) left " \
+           f"({'; '.join(kept)}); a branch merge would leave 3 convs"
+
+
+def check_prune(model, x, leaf_modules=()) -> str:
     import graphopt
 
     opt = graphopt.optimize(model, ["fuse_conv_bn", ("prune_channels", {"ratio": 0.3})], example_inputs=x,
-                            progress=False)
+                            leaf_modules=leaf_modules, progress=False)
     rec = opt.report["prune_channels"]
+    if rec.status in ("failed", "rolled back"):
+        return f"prune_channels {rec.status}: {rec.reason.splitlines()[0][:300]}"
     unknown = sorted({why.split("(")[1].split(")")[0] for why in graphopt.analyze_channels(opt.graph_module).unknown.values()})
     return f"prune_channels {rec.status}: {100 * (1 - rec.macs_after / rec.macs_before):.1f}% of MACs cut; " \
            f"not understood: {', '.join(unknown) or 'nothing'}"
+
+
+def check_prune_with_leaf(model, x) -> str:
+    """As the CaptureError advises: Conv2dSame kept as a leaf (an nn.Conv2d subclass)."""
+    return check_prune(model, x, leaf_modules=[Conv2dSame])
 
 
 def check_capture(model, x) -> str:
@@ -248,6 +362,31 @@ def check_int8(model, x) -> str:
            f" (bit-exact when 0)"
 
 
+def check_int8_flips(model, x) -> str:
+    """Compile the int8 graph with every quantized activation as an output, and count the int8
+    values where the compiled model and the simulated graph differ (rounding flips)."""
+    import graphopt
+
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, *x[0].shape[1:], generator=g) for _ in range(4)]
+    gm = graphopt.optimize(model, ["fuse_conv_bn", "quantize"], example_inputs=x, calibration_data=calib,
+                           progress=False).graph_module
+    taps = [n for n in gm.graph.nodes if "q8_quantize" in str(n.target)]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(taps),)
+    gm.recompile()
+    compiled = graphopt.get_target("x86").compile(gm, x, tune_trials=0)
+    flips = total = 0
+    for _ in range(4):
+        xi = torch.randn(*x[0].shape, generator=g)
+        with torch.no_grad():
+            ref = gm(xi)
+        for r, c in zip(ref, compiled(xi)):
+            flips += int((r.to(torch.int32) != c.to(torch.int32)).sum())
+            total += r.numel()
+    return f"int8 activations differing between simulated and compiled: {flips} of {total} ({len(taps)} quantize points, 4 inputs)"
+
+
 @dataclasses.dataclass
 class Repro:
     model: Callable[[], nn.Module]
@@ -261,10 +400,17 @@ REPROS: Dict[str, Repro] = {
     "functional_bn_prune": Repro(FunctionalBN, (1, 3, 16, 16), check_prune, "timm.layers.BatchNormAct2d"),
     "functional_linear_prune": Repro(FunctionalLinearHead, (1, 3, 16, 16), check_prune, "timm.layers.Linear"),
     "same_padding_capture": Repro(SamePadding, (1, 3, 17, 17), check_capture, "timm.layers.Conv2dSame"),
+    "size_branch_capture": Repro(ResizeIfNeeded, (1, 3, 15, 15), check_capture, "timm MobileVitBlock"),
+    "same_padding_leaf_prune": Repro(SamePadding, (1, 3, 17, 17), check_prune_with_leaf, "timm.layers.Conv2dSame"),
     "mixed_conv_int8": Repro(MixedConvInt8, (1, 3, 32, 32), check_int8, "timm.layers.MixedConv2d"),
+    "shape_from_input_prune": Repro(ShapeFromInputAttention, (1, 16, 8), check_prune, "timm edgenext CrossCovarianceAttn"),
+    "floor_divide_float_x86": Repro(FloorDivideFloat, (1, 3, 4, 8), check_x86, "timm edgenext PositionalEncodingFourier"),
+    "nearest_upsample_x86": Repro(NearestUpsampleGate, (1, 8, 7, 7), check_x86, "timm ghostnetv2 DFC attention"),
+    "repvgg_branches": Repro(RepVGGNet, (1, 3, 16, 16), check_merge, "timm RepVggBlock / MobileOneBlock"),
+    "channel_slice_prune": Repro(DualPath, (1, 3, 16, 16), check_prune, "timm DualPathBlock (dpn)"),
     "eca_prune": Repro(ECANet, (1, 3, 16, 16), check_prune, "timm.layers.EcaModule"),
     "zero_init_int8": Repro(ZeroInitResidual, (1, 3, 16, 16), check_int8, "timm ResNet zero_init_last"),
-    "float_epilogue_int8": Repro(FloatEpilogueInt8, (1, 3, 64, 64), check_int8, "timm.layers.BatchNormAct2d"),
+    "float_epilogue_int8": Repro(FloatEpilogueInt8, (1, 3, 224, 224), check_int8_flips, "timm.layers.BatchNormAct2d"),
 }
 
 

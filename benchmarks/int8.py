@@ -216,7 +216,7 @@ def arm(model, calib, args) -> dict:
     """Cross-compile the int8 default model for ARM, tune through an emulated farm, count instructions."""
     from graphopt.data import fashion_mnist_batches
     from graphopt.models.fashion_cnn import evaluate_accuracy
-    from graphopt.targets.rpc import LoopbackDeviceFarm
+    from graphopt.targets.testing import LoopbackDeviceFarm
 
     out = {}
     batch = 250

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 
+from .batches import as_batches
 from .capture import capture, normalize_inputs
 from .context import PassContext, default_progress, no_progress
-from .errors import InputShapeError, MissingInputError
+from .arguments import (
+    check_concrete_args, check_eval_fn, check_example_inputs, check_leaf_modules, check_model, check_passes,
+    check_positive, check_tolerances, check_tune_trials,
+)
+from .errors import InvalidArgumentError, MissingInputError
 from .manager import PassInstrument, PassManager
 from .pass_registry import PassItem
 from .report.instrument import ReportInstrument
@@ -64,36 +69,14 @@ class ProgressInstrument(PassInstrument):
         self.bar.close()
 
 
-def normalize_batches(data: Optional[Iterable[Any]], n_inputs: int) -> Optional[List[Tuple[torch.Tensor, ...]]]:
-    """Calibration data to a list of input tuples; (images, labels) pairs keep only the inputs."""
-    if data is None:
-        return None
-    if isinstance(data, torch.Tensor):
-        raise InputShapeError("calibration_data must be an iterable of batches (e.g. a list of tensors "
-                              "or a DataLoader), not a single tensor: wrap it as [tensor]")
-    batches = []
-    for i, b in enumerate(data):
-        if isinstance(b, torch.Tensor):
-            b = (b,)
-        if not isinstance(b, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in b[:n_inputs]):
-            raise InputShapeError(f"calibration batch {i} is a {type(b).__name__}: each batch must be a tensor "
-                                  "or a tuple of tensors, one per model input")
-        batches.append(tuple(b[:n_inputs]))
-    if not batches:
-        raise MissingInputError("calibration_data is empty: give at least one batch")
-    return batches
-
-
-def check_batches(batches: Sequence[Tuple[torch.Tensor, ...]], example: Tuple[torch.Tensor, ...]) -> None:
-    """Every batch must match the example inputs in all but the batch dimension."""
-    for i, b in enumerate(batches):
-        for j, (t, e) in enumerate(zip(b, example)):
-            if t.shape[1:] != e.shape[1:] or t.dtype != e.dtype:
-                raise InputShapeError(
-                    f"calibration batch {i}, input {j}: shape {tuple(t.shape)} {t.dtype} does not match the "
-                    f"example input {tuple(e.shape)} {e.dtype} (only the batch dimension may differ)")
-        if len(b) != len(example):
-            raise InputShapeError(f"calibration batch {i} has {len(b)} inputs, the model takes {len(example)}")
+def latency_schedules(tune_trials: Optional[int]) -> str:
+    """What the report's latencies were timed with, said next to them."""
+    if tune_trials:
+        return (f"tuned: every graph timed after tuning with tune_trials={tune_trials} and the shared "
+                "tuning cache, as the artifact was built; median of the runs, noise band p90 - p10")
+    return ("untuned: TVM's default schedules for float layers and graphopt's pre-scheduled int8 "
+            "kernels, as the artifact was built (float and int8 timings do not compare: pass "
+            "tune_trials to time every pass tuned); median of the runs, noise band p90 - p10")
 
 
 def optimize(
@@ -128,7 +111,9 @@ def optimize(
         on_error: "rollback", "stop" or "raise" (see PassManager).
         leaf_modules, concrete_args: tracing controls (see the CaptureError message).
         tolerances: per-pass relative error tolerances, overriding the declared ones.
-        measure_latency: time every applied pass on the target (default: when a target is given).
+        measure_latency: time every applied pass on the target (default: when a target is given),
+            with the schedules the artifact gets: with ``tune_trials``, each new graph is tuned
+            through the shared cache first (layers tuned before are not tuned again).
 
     Example:
         >>> import torch, graphopt
@@ -137,37 +122,51 @@ def optimize(
         >>> [r.status for r in opt.report.records]
         ['applied', 'no-op']
     """
+    # every argument is checked here, before the (possibly slow) capture, passes and compile
+    check_model(model)
+    pipeline = check_passes(DEFAULT_PASSES if passes is None else passes)
     tgt = get_target(target) if target is not None else None
-    if tune_trials is not None and (not isinstance(tune_trials, int) or tune_trials < 0):
-        raise ValueError(f"tune_trials must be a non-negative int or None, got {tune_trials!r}")
-    manager_args = dict(on_error=on_error, exact_tolerance=exact_tolerance, tolerances=tolerances, log=log)
-    pipeline = list(DEFAULT_PASSES if passes is None else passes)
+    if callable(getattr(tgt, "check", None)):
+        tgt.check()  # a missing toolchain or an unknown CPU: said now, not after the passes
+    check_tune_trials(tune_trials, tgt is not None)
+    exact_tolerance = check_positive("exact_tolerance", exact_tolerance)
+    eval_fn = check_eval_fn(eval_fn)
+    leaf_modules = check_leaf_modules(model, leaf_modules)
+    concrete_args = check_concrete_args(model, concrete_args)
+    for name, value in (("measure_latency", measure_latency), ("progress", progress)):
+        if value is not None and not isinstance(value, bool):
+            raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
     if example_inputs is None and calibration_data is None:
         raise MissingInputError(
             "optimize needs example_inputs to trace the model, propagate shapes and check numerics: "
             "pass example_inputs=(torch.randn(1, 3, 224, 224),) shaped like the model's inputs")
-    n_inputs = len(normalize_inputs(example_inputs)) if example_inputs is not None else 1_000_000
-    batches = normalize_batches(calibration_data, n_inputs)
-    example = normalize_inputs(example_inputs) if example_inputs is not None else batches[0]
-    if batches is not None:
-        check_batches(batches, example)
+    example = normalize_inputs(example_inputs) if example_inputs is not None else None
+    batches = as_batches(calibration_data, example)  # copies: the caller's tensors stay as they are
+    example = tuple(t.detach().clone() for t in (example if example is not None else batches[0]))
+    check_example_inputs(example)
     bar = default_progress if progress else no_progress
     ctx = PassContext(example_inputs=example, calibration_data=batches, eval_fn=eval_fn, target=tgt,
                       seed=seed, logger=log, progress=bar)
-    # everything that can be validated is validated before the (possibly slow) capture
-    reporter = ReportInstrument(type(model).__name__, getattr(tgt, "name", None))
-    manager = PassManager(pipeline, instruments=[reporter], **manager_args)
-    manager.instruments.append(ProgressInstrument(len(manager.steps), bar))
+    manager = PassManager(pipeline, on_error=on_error, exact_tolerance=exact_tolerance, log=log)
+    manager.tolerances = check_tolerances(tolerances, [step.spec.name for step in manager.steps])
+    reporter = ReportInstrument(type(model).__name__, ctx.capabilities.name if tgt is not None else None)
+    manager.instruments += [reporter, ProgressInstrument(len(manager.steps), bar)]
     manager.check_needs(ctx)
     gm = capture(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    if tgt is not None and (measure_latency or measure_latency is None) and hasattr(tgt, "measure_latency"):
-        if getattr(tgt, "emulated", False):  # qemu timings say nothing about the device
-            if measure_latency:
-                log.warning("%s runs under qemu emulation here: per-pass latency is not measured; give the "
-                            "target rpc= or tracker= to time passes on a real device", tgt.name)
-        else:
-            reporter.latency_fn = lambda g: tgt.measure_latency(g, example)
-    ctx.original = gm
+    caps = ctx.capabilities
+    if caps is not None and (measure_latency or measure_latency is None):
+        if caps.can_measure_latency:
+            # timed with the schedules the artifact gets: tuned through the shared cache, or untuned
+            reporter.latency_fn = lambda g: caps.time(g, example, tune_trials)
+            reporter.latency_schedules = latency_schedules(tune_trials)
+        elif measure_latency and caps.emulated:  # qemu timings say nothing about the device
+            log.warning("%s runs under qemu emulation here: per-pass latency is not measured; give the "
+                        "target rpc= or tracker= to time passes on a real device", caps.name)
+        elif measure_latency:
+            log.warning("target %s cannot measure latency (it has no measure_latency method): "
+                        "per-pass latency is not measured", caps.name)
     final = manager.run(gm, ctx)
     compiled = None
     if tgt is not None:

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError, InputShapeError, InvalidModelError
+from .numerics import first_nonfinite_node, is_finite, run
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -170,7 +171,7 @@ def capture(
         model = torch.nn.Sequential(model)  # a bare torch.nn layer: trace it as a call, not its internals
     with torch.no_grad():
         try:
-            model(*example_inputs)
+            model(*[t.clone() for t in example_inputs])  # copies: a forward may write into its inputs
         except Exception as e:
             raise InputShapeError(
                 f"the model fails on example_inputs of shape {_describe(example_inputs)}: "
@@ -179,4 +180,27 @@ def capture(
             ) from e
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     propagate_shapes(gm, example_inputs)
+    check_finite_outputs(gm, example_inputs)
     return gm
+
+
+def check_finite_outputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """A model whose own output is NaN/Inf would make every pass look broken: refuse it, naming
+    the first node that produces a non-finite value."""
+    if all(is_finite(t) for t in run(gm, example_inputs)):
+        return
+    node = first_nonfinite_node(gm, example_inputs)
+    if node is None:
+        where = "its output"
+    elif node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        where = f"module `{node.target}` ({type(module).__name__})"
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_var is not None \
+                and module.eps == 0 and bool((module.running_var == 0).any()):
+            where += " (running_var has zeros and eps is 0)"
+    else:
+        where = f"node `{node.name}` ({getattr(node.target, '__name__', node.target)})"
+    raise InvalidModelError(
+        f"the model itself outputs NaN/Inf on example_inputs; the first layer that produces it is {where}. "
+        "Fix the model or its weights (or pass inputs it handles): graphopt cannot check passes "
+        "against a non-finite reference")

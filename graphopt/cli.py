@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -26,32 +27,78 @@ def load_model(spec: str, weights: Optional[str] = None) -> torch.nn.Module:
     """``path/to/file.py:factory`` or ``package.module:factory`` to a model instance."""
     if ":" not in spec:
         raise GraphoptError(f"MODEL must look like path/to/file.py:factory or package.module:factory, got {spec!r}")
+    if weights and not os.path.isfile(weights):
+        raise GraphoptError(f"--weights {weights}: no such file")
     where, attr = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        if not os.path.isfile(where):
-            raise GraphoptError(f"no such file: {where}")
-        mod_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[mod_spec.name] = module
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise GraphoptError(f"no such file: {where}")
+            mod_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except GraphoptError:
+        raise
+    except Exception as e:  # the user's module failed to import
+        raise GraphoptError(f"importing {where} failed: {type(e).__name__}: {e}") from e
     if not hasattr(module, attr):
         raise GraphoptError(f"{where} has no attribute {attr!r}")
-    model = getattr(module, attr)()
+    factory = getattr(module, attr)
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise GraphoptError(f"{spec}: {attr}{inspect.signature(factory)} needs arguments; MODEL must name a "
+                            "function or class that builds the model with none (wrap it: def make(): "
+                            f"return {attr}(...))") from None
+    except ValueError:
+        pass  # builtins without a signature
+    try:
+        model = factory()
+    except Exception as e:
+        raise GraphoptError(f"{spec}: building the model failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
         raise GraphoptError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except Exception as e:
+            raise GraphoptError(f"--weights {weights}: could not load it into {type(model).__name__}: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return model
 
 
 def parse_shape(text: str) -> Tuple[int, ...]:
+    """``1,3,224,224`` to a shape of positive ints."""
     try:
-        return tuple(int(v) for v in text.split(","))
+        shape = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise GraphoptError(f"--input-shape must be comma-separated integers like 1,3,224,224, got {text!r}")
+        raise GraphoptError(f"--input-shape must be comma-separated integers like 1,3,224,224, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise GraphoptError(f"--input-shape {text}: every dimension must be a positive integer (e.g. 1,3,224,224)")
+    return shape
+
+
+def check_output_paths(args) -> None:
+    """--report and --out must be writable before the work starts, not after it."""
+    if getattr(args, "report", None):
+        if not args.report.endswith((".html", ".json")):
+            raise GraphoptError(f"--report {args.report}: the name must end in .html or .json")
+        parent = os.path.dirname(os.path.abspath(args.report))
+        if not os.path.isdir(parent):
+            raise GraphoptError(f"--report {args.report}: the directory {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise GraphoptError(f"--report {args.report}: the directory {parent} is not writable")
+    if getattr(args, "out", None):
+        out = os.path.abspath(args.out)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise GraphoptError(f"--out {args.out}: exists and is not a directory")
+        parent = out if os.path.isdir(out) else os.path.dirname(out)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise GraphoptError(f"--out {args.out}: {parent} is not a writable directory")
 
 
 def _write_outputs(opt, args) -> None:
@@ -71,9 +118,11 @@ def _write_outputs(opt, args) -> None:
 def cmd_optimize(args) -> int:
     import graphopt
 
-    model = load_model(args.model, args.weights)
-    inputs = tuple(torch.randn(*parse_shape(s)) for s in args.input_shape)
+    check_output_paths(args)
+    shapes = [parse_shape(s) for s in args.input_shape]
     passes = parse_pass_string(args.passes) if args.passes else None
+    model = load_model(args.model, args.weights)
+    inputs = tuple(torch.randn(*shape) for shape in shapes)
     opt = graphopt.optimize(model, passes, args.target, example_inputs=inputs, tune_trials=args.tune_trials,
                             on_error=args.on_error)
     print(opt.report.to_text(diffs=args.diff))
@@ -123,6 +172,7 @@ def cmd_demo(args) -> int:
     from .data import calibration_batches, fashion_mnist_batches
     from .models import default_example_inputs, evaluate_accuracy, load_default_model
 
+    check_output_paths(args)
     model = load_default_model()
     train = fashion_mnist_batches("train", batch_size=128, limit=DEMO_TRAIN_IMAGES)
     passes, missing = demo_pipeline(list_passes(), train)
@@ -147,14 +197,34 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 (no tuning) or more")
+    return value
+
+
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphopt", description="Optimize PyTorch models with checked compiler passes.")
     p.add_argument("-v", "--verbose", action="store_true", help="log every pass")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_common(sp):
         sp.add_argument("--target", default=None, help="compile for this target (see `graphopt targets`)")
-        sp.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (0: no tuning)")
+        sp.add_argument("--tune-trials", type=_count, default=None, help="MetaSchedule trials (0: no tuning)")
         sp.add_argument("--report", help="write the report here (.html, or .json)")
         sp.add_argument("--out", help="directory for report.json, report.html, graph_module.pt and the artifact")
         sp.add_argument("--diff", action="store_true", help="print each pass's code diff")
@@ -172,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("targets", help="list registered targets").set_defaults(fn=cmd_targets)
 
     d = sub.add_parser("demo", help="run the main pipeline on the bundled Fashion-MNIST model")
-    d.add_argument("--eval-images", type=int, default=2000, help="test images used for accuracy per pass")
+    d.add_argument("--eval-images", type=_positive, default=2000, help="test images used for accuracy per pass")
     add_common(d)
     d.set_defaults(fn=cmd_demo, report="graphopt-demo-report.html", target="x86", tune_trials=0)
     return p
@@ -183,9 +253,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except GraphoptError as e:
-        print(f"graphopt: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every error ends in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        user = isinstance(e, (GraphoptError, ValueError, TypeError, OSError))
+        what = str(e) if isinstance(e, GraphoptError) else f"{type(e).__name__}: {e}"
+        print(f"graphopt: error: {what}" + ("" if user else " (an internal error: rerun with --debug "
+                                                            "for the traceback and report it)"), file=sys.stderr)
+        return 2 if user else 1
 
 
 if __name__ == "__main__":

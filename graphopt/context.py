@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import MissingInputError
+from .target_protocol import TargetCapabilities, capabilities_of
 
 log = logging.getLogger("graphopt")
 
@@ -50,6 +51,7 @@ class PassContext:
         seed: seed for passes that sample.
         progress: progress-bar factory with tqdm's signature.
         messages: what the running pass reported with ``note()``; read by the report.
+        warnings: what it reported with ``warn()``: the report shows them at warning level.
     """
 
     example_inputs: Tuple[torch.Tensor, ...] = ()
@@ -62,11 +64,22 @@ class PassContext:
     logger: logging.Logger = log
     progress: Callable = default_progress
     messages: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def capabilities(self) -> Optional[TargetCapabilities]:
+        """The target's capabilities (documented defaults for what it leaves out); None without a target."""
+        return capabilities_of(self.target) if self.target is not None else None
 
     def note(self, message: str) -> None:
         """Record a message for the current pass's report entry (e.g. why a layer was skipped)."""
         self.messages.append(message)
         self.logger.info(message)
+
+    def warn(self, message: str) -> None:
+        """Record a warning for the current pass (e.g. it achieved far less than asked, and why)."""
+        self.warnings.append(message)
+        self.logger.warning(message)
 
     def require(self, needs: Sequence[str], who: str) -> None:
         """Raise MissingInputError naming what ``who`` needs and how to give it."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -15,8 +15,36 @@ def flat_outputs(out: Any) -> List[torch.Tensor]:
 
 
 def run(model: Any, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``model``'s output tensors on copies of ``inputs``: a forward that writes into its inputs
+    (``x.relu_()``) must not change them for the next run."""
     with torch.no_grad():
-        return [t.detach() for t in flat_outputs(model(*inputs))]
+        return [t.detach() for t in flat_outputs(model(*[_copy(t) for t in inputs]))]
+
+
+def _copy(t: Any) -> Any:
+    return t.clone() if isinstance(t, torch.Tensor) else t
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf (integer tensors always are)."""
+    return not t.is_floating_point() and not t.is_complex() or bool(torch.isfinite(t).all())
+
+
+def first_nonfinite_node(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Optional[torch.fx.Node]:
+    """The first node (in execution order) whose output holds NaN or Inf while its inputs do not."""
+    found: List[torch.fx.Node] = []
+
+    class Finder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if not found and n.op not in ("placeholder", "output") and \
+                    not all(is_finite(t) for t in flat_outputs(out)):
+                found.append(n)
+            return out
+
+    with torch.no_grad():
+        Finder(gm).run(*[_copy(t) for t in inputs])
+    return found[0] if found else None
 
 
 @dataclasses.dataclass

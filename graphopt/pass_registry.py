@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import PassOptionError
+from .errors import PassOptionError, RegistrationError
 from .registry import Registry, origin_of
 
 #: What a pass may declare in ``needs``; each maps to a PassContext attribute.
@@ -165,7 +165,7 @@ def register_pass(
     """
     bad = [n for n in needs if n not in KNOWN_NEEDS]
     if bad:
-        raise ValueError(f"pass {name!r}: unknown needs {bad}; known: {list(KNOWN_NEEDS)}")
+        raise RegistrationError(f"pass {name!r}: unknown needs {bad}; known: {list(KNOWN_NEEDS)}")
 
     def decorate(fn):
         doc = inspect.getdoc(fn) or ""

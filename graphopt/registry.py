@@ -5,13 +5,12 @@ packages (``graphopt.passes``, ``graphopt.targets``), so the core never imports 
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import warnings
 from importlib.metadata import entry_points
 from typing import Callable, Dict, Generic, Iterator, List, TypeVar
 
-from .errors import UnknownNameError
+from .errors import RegistrationError, UnknownNameError, did_you_mean
 
 T = TypeVar("T")
 log = logging.getLogger("graphopt")
@@ -35,7 +34,7 @@ class Registry(Generic[T]):
     def add(self, name: str, item: T, origin: str) -> None:
         """Register ``item``; a second, different plugin claiming the same name is an error."""
         if name in self._items and self._origin[name] != origin:
-            raise ValueError(
+            raise RegistrationError(
                 f"{self.kind} {name!r} is already registered by {self._origin[name]}; "
                 f"{origin} cannot register it again. Pick another name."
             )
@@ -64,10 +63,10 @@ class Registry(Generic[T]):
             self.discover()
         if name not in self._items:
             known = sorted(self._items)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            plural = self.kind + ("es" if self.kind.endswith("s") else "s")
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known) or '(none)'}."
+                f"unknown {self.kind} {name!r}.{did_you_mean(name, known, n=1)} "
+                f"Known {plural}: {', '.join(known) or '(none)'}."
             )
         return self._items[name]
 
@@ -81,6 +80,22 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+#: Entry-point group of objects plugins add to the ``graphopt`` namespace (``graphopt.Target``...).
+EXPORTS_GROUP = "graphopt.exports"
+
+
+def exported(name: str):
+    """The object a plugin exports as ``graphopt.<name>`` (entry-point group ``graphopt.exports``).
+
+    Raises:
+        AttributeError: no installed plugin exports ``name``.
+    """
+    for ep in entry_points(group=EXPORTS_GROUP):
+        if ep.name == name:
+            return ep.load()
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
 
 
 def origin_of(obj: Callable) -> str:

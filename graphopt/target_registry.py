@@ -1,14 +1,14 @@
 """The targets registry: the core reaches backends only through it.
 
-A target object must provide ``compile(gm, example_inputs, *, tune_trials, progress) ->
-CompiledModel`` and may provide ``preferred_channel_multiple`` (passes round channel counts
-to it) and ``measure_latency(gm, example_inputs) -> float`` (milliseconds, for reports).
+What a target object must and may provide is :mod:`graphopt.target_protocol`.
 """
 from __future__ import annotations
 
 from typing import Any, List
 
 from .registry import Registry, origin_of
+from .errors import InvalidArgumentError
+from .target_protocol import check_target
 
 TARGETS: Registry[Any] = Registry("target", "graphopt.targets")
 
@@ -23,12 +23,10 @@ def get_target(target: Any) -> Any:
     """A registered name, or an object that already is a target, to a target object."""
     if isinstance(target, str):
         return TARGETS.get(target)
-    if not callable(getattr(target, "compile", None)):
-        raise TypeError(
-            f"target must be a registered name ({', '.join(TARGETS.names())}) or an object "
-            f"with a compile() method, not {type(target).__name__}"
-        )
-    return target
+    try:
+        return check_target(target)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{e} (registered names: {', '.join(TARGETS.names())})") from None
 
 
 def list_targets() -> List[str]:

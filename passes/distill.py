@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import Option
+from graphopt.numerics import flat_outputs
 
 LOSSES = ("auto", "kl", "mse")
 BN_MODES = ("frozen", "train")
@@ -56,15 +57,11 @@ def _batches_from(data: Any, n_inputs: int, where: str, consume: bool = True) ->
     return data
 
 
-def _inputs(batch: Any, n_inputs: int, i: int) -> Tuple[torch.Tensor, ...]:
-    if isinstance(batch, torch.Tensor):
-        batch = (batch,)
-    if not isinstance(batch, (tuple, list)) or len(batch) < n_inputs or \
-            not all(isinstance(t, torch.Tensor) for t in batch[:n_inputs]):
-        raise graphopt.InputShapeError(
-            f"distill: batch {i} is a {type(batch).__name__}; each batch must be a tensor or a tuple "
-            f"starting with the model's {n_inputs} input tensor(s) (labels after them are ignored)")
-    return tuple(batch[:n_inputs])
+def _inputs(batch: Any, example: Tuple[torch.Tensor, ...], i: int) -> Tuple[torch.Tensor, ...]:
+    """The model inputs of training batch ``i``, checked like calibration data (shape, dtype, finite)."""
+    inputs = graphopt.batch_inputs(batch, len(example), "distill: training", i)
+    graphopt.check_batch(inputs, example, "distill: training", i)
+    return inputs
 
 
 def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, train_data=None, **_) -> None:
@@ -74,7 +71,10 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, train_data=N
             "distill needs input batches to train on: pass calibration_data=[batch, ...] to "
             "optimize(), or the option train_data=<iterable of batches> (inputs only, no labels needed)")
     if train_data is not None:
-        _batches_from(train_data, max(len(ctx.example_inputs), 1), "train_data", consume=False)
+        data = _batches_from(train_data, max(len(ctx.example_inputs), 1), "train_data", consume=False)
+        if isinstance(data, (list, tuple)):  # in memory: check every batch now, not mid-training
+            for i, b in enumerate(data):
+                _inputs(b, ctx.example_inputs, i)
 
 
 def _rebatch(batches: List[Tuple[torch.Tensor, ...]], size: int, gen: torch.Generator) -> List[Tuple[torch.Tensor, ...]]:
@@ -82,13 +82,6 @@ def _rebatch(batches: List[Tuple[torch.Tensor, ...]], size: int, gen: torch.Gene
     cols = [torch.cat([b[j] for b in batches]) for j in range(len(batches[0]))]
     perm = torch.randperm(cols[0].shape[0], generator=gen)
     return [tuple(c[perm[i:i + size]] for c in cols) for i in range(0, len(perm), size)]
-
-
-def _tensors(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    return [t for o in items for t in _tensors(o)]
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, loss: str) -> torch.Tensor:
@@ -132,7 +125,6 @@ def _set_bn_eval(module: nn.Module) -> None:
 def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperature, batch_size,
             weight_decay, loss, bn, train_data):
     """Train the current graph to match the reference model's outputs, then put it in eval mode."""
-    validate_options(gm, ctx, train_data=train_data)
     n_inputs = max(len(ctx.example_inputs), 1)
     source = _batches_from(train_data, n_inputs, "train_data") if train_data is not None else ctx.calibration_data
     teacher = ctx.reference if ctx.reference is not None else ctx.original
@@ -149,7 +141,7 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
         torch.manual_seed(ctx.seed)
         gen = torch.Generator().manual_seed(ctx.seed)
         if in_memory:
-            batches = [_inputs(b, n_inputs, i) for i, b in enumerate(source)]
+            batches = [_inputs(b, ctx.example_inputs, i) for i, b in enumerate(source)]
             if not batches:
                 raise graphopt.MissingInputError("distill: the training data holds no batch")
             if batch_size is not None:
@@ -174,14 +166,14 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
                         else:
                             epoch_batches = [batches[i] for i in torch.randperm(len(batches), generator=gen)]
                     else:
-                        epoch_batches = (_inputs(b, n_inputs, i) for i, b in enumerate(source))
+                        epoch_batches = (_inputs(b, ctx.example_inputs, i) for i, b in enumerate(source))
                     running, count = 0.0, 0
                     for inputs in epoch_batches:
                         if not frozen_bn and inputs[0].shape[0] < 2:
                             continue  # BatchNorm in train mode cannot use a batch of one
                         with torch.no_grad():
-                            targets = [t.detach() for t in _tensors(teacher(*inputs))]
-                        outs = _tensors(gm(*inputs))
+                            targets = [t.detach() for t in flat_outputs(teacher(*inputs))]
+                        outs = flat_outputs(gm(*inputs))
                         value = sum(kd_loss(o, t, temperature, loss) for o, t in zip(outs, targets)
                                     if o.is_floating_point())
                         opt.zero_grad(set_to_none=True)

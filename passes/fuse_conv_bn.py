@@ -1,12 +1,14 @@
-"""Fold inference BatchNorm into the convolution or linear layer that feeds it.
+"""Fold inference BatchNorm into the convolution or linear layer that feeds it (or into each layer
+of a channel concat that feeds it).
 
 BN(conv(x)) = conv'(x) with W' = W * s and b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps),
-s taken per output channel. Written only against graphopt's public API, like any plugin.
+s taken per output channel. BatchNorm modules, ``F.batch_norm`` calls (timm's ``BatchNormAct2d``
+once traced, or user code) and leaf BatchNorm subclasses with timm's ``drop``/``act`` (which stay)
+all fold. Written only against graphopt's public API, like any plugin.
 """
 from __future__ import annotations
 
-import copy
-from typing import Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
@@ -14,86 +16,113 @@ import torch.nn as nn
 
 import graphopt
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: Which layers each BatchNorm can fold into (the pattern list is data).
+from .batch_norms import Norm, behind, describe, drop_static_asserts, fold, read_norm, remove_norm, sharing, value_users
+
+#: Which layers fold into a batch norm over a tensor of each rank (the pattern list is data).
 FOLDABLE = {
-    nn.BatchNorm1d: (nn.Conv1d, nn.ConvTranspose1d, nn.Linear),
-    nn.BatchNorm2d: (nn.Conv2d, nn.ConvTranspose2d),
-    nn.BatchNorm3d: (nn.Conv3d, nn.ConvTranspose3d),
+    2: (nn.Linear,),
+    3: (nn.Conv1d, nn.ConvTranspose1d),
+    4: (nn.Conv2d, nn.ConvTranspose2d),
+    5: (nn.Conv3d, nn.ConvTranspose3d),
 }
 
 
-def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale
+def _cat_parts(src) -> Optional[List[fx.Node]]:
+    """The tensors ``torch.cat(parts, dim=1)`` joins (MixNet's mixed kernels), else None."""
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is torch.cat):
+        return None
+    parts = src.args[0] if src.args else src.kwargs.get("tensors")
+    dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+    rank = len(getattr(src.meta.get("tensor_meta"), "shape", ()))
+    if not (isinstance(parts, (list, tuple)) and all(isinstance(p, fx.Node) for p in parts)):
+        return None
+    return list(parts) if rank and isinstance(dim, int) and dim % rank == 1 else None
 
 
-def fold(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """A copy of ``layer`` whose output equals ``bn(layer(x))`` in eval mode."""
-    scale, shift = _bn_scale_shift(bn)
-    w = layer.weight.detach().double()
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
-        # weight is (in, out/groups, *k): output channel o = g * (out/groups) + j
-        g = layer.groups
-        shaped = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
-        s = scale.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
-        new_w = (shaped * s).reshape(w.shape)
-    else:
-        new_w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
-    fused = copy.deepcopy(layer)
-    fused.weight = nn.Parameter(new_w.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
-    fused.bias = nn.Parameter((bias * scale + shift).to(layer.weight.dtype))
-    return fused
+def folds_into(gm: fx.GraphModule, norm: Norm) -> List[fx.Node]:
+    """The layers ``norm`` folds into: the one before it, or each part of a channel concat."""
+    src, _ = behind(gm, norm.input)
+    parts = _cat_parts(src)
+    return [behind(gm, p)[0] for p in parts] if parts else [src]
 
 
-def _why_not(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> Optional[str]:
-    """None if ``bn_node`` can be folded into its input, else the reason it cannot."""
-    src = bn_node.args[0] if bn_node.args else None
+def _layer_problem(gm, src, user, rank: int, shared: Dict[str, str], role: str) -> Optional[str]:
+    """None if a batch norm over ``src`` (read by ``user``) folds into it, else why not."""
     if not isinstance(src, fx.Node) or src.op != "call_module":
-        return "its input is not a conv or linear module"
+        what = describe(gm, src) if isinstance(src, fx.Node) else repr(src)
+        return f"{role} {what} is not a conv or linear module"
     layer = gm.get_submodule(src.target)
-    if not isinstance(layer, FOLDABLE[type(bn)]):
-        return f"its input {src.target} is a {type(layer).__name__}, not one of " \
-               f"{', '.join(t.__name__ for t in FOLDABLE[type(bn)])}"
-    if bn.running_mean is None or bn.running_var is None:
-        return "it has no running statistics (track_running_stats=False uses batch statistics)"
-    if len(src.users) > 1:
-        others = ", ".join(u.name for u in src.users if u is not bn_node)
-        return f"the output of {src.target} is also used by {others}; folding would change that use"
-    if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) > 1:
-        return f"{src.target} is called more than once (shared weights)"
-    if isinstance(layer, nn.Linear):
-        shape = src.meta.get("tensor_meta")
-        if shape is None or len(shape.shape) != 2:
-            return "BatchNorm1d after a Linear folds only on (batch, features) outputs"
-    return None
+    if isinstance(layer, nn.Linear) and rank != 2:
+        return "BatchNorm1d after a Linear folds only on (batch, features) outputs"
+    if not isinstance(layer, FOLDABLE.get(rank, ())):
+        return f"{role} {src.target} is a {type(layer).__name__}, not one of " \
+               f"{', '.join(t.__name__ for t in FOLDABLE.get(rank, ()))}"
+    others = [u.name for u in value_users(src) if u is not user]
+    if others:
+        return f"the output of {src.target} is also used by {', '.join(others)}; folding would change that use"
+    return shared.get(src.target)
+
+
+def why_not(gm: fx.GraphModule, norm: Norm, shared: Dict[str, str]) -> Optional[str]:
+    """None if ``norm`` can be folded into its input, else the reason it cannot."""
+    if not isinstance(norm.input, fx.Node):
+        return f"its input {norm.input!r} is not a conv or linear module"
+    meta = norm.input.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return f"{norm.input.name} has no shape information"
+    rank = len(meta.shape)
+    src, chain = behind(gm, norm.input)
+    parts = _cat_parts(src)
+    if parts is None:
+        why = _layer_problem(gm, src, chain[-1] if chain else norm.node, rank, shared, "its input")
+    elif len(set(parts)) < len(parts):
+        why = f"its input {src.name} (cat) joins the same tensor twice"
+    else:
+        role = f"its input {src.name} (cat) joins a part that does not fold:"
+        why = next(filter(None, (_layer_problem(gm, *_feeding(gm, p, src), rank, shared, role) for p in parts)), None)
+    return why or sharing(gm, norm, shared)
+
+
+def _feeding(gm, part: fx.Node, cat: fx.Node):
+    """The layer behind ``part``, and the node through which it feeds ``cat``."""
+    layer, chain = behind(gm, part)
+    return layer, chain[-1] if chain else cat
 
 
 @graphopt.register_pass(
     "fuse_conv_bn",
     exact=True,
-    description="Fold BatchNorm into the preceding Conv1d/2d/3d, ConvTranspose or Linear",
+    description="Fold BatchNorm (modules, F.batch_norm, timm's BatchNormAct2d) into the preceding "
+                "Conv1d/2d/3d, ConvTranspose or Linear",
     runs_before=("prune_channels", "separable_conv", "quantize"),
 )
 def fuse_conv_bn(gm: fx.GraphModule, ctx: graphopt.PassContext) -> fx.GraphModule:
     """Fold every foldable inference BatchNorm; explain each one left alone."""
+    shared = graphopt.shared_weights(gm)
+    folded, functional, tails, asserts = 0, 0, 0, 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module":
+        norm = read_norm(gm, node)
+        if norm is None:
             continue
-        bn = gm.get_submodule(node.target)
-        if not isinstance(bn, _BN):
-            continue
-        reason = _why_not(gm, node, bn)
+        reason = norm if isinstance(norm, str) else why_not(gm, norm, shared)
         if reason:
-            ctx.note(f"{node.target} kept: {reason}")
+            name = norm.name if isinstance(norm, Norm) else node.target if node.op == "call_module" else node.name
+            ctx.note(f"{name} kept: {reason}")
             continue
-        src = node.args[0]
-        gm.add_submodule(src.target, fold(gm.get_submodule(src.target), bn))
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
+        start = 0
+        for layer in folds_into(gm, norm):
+            c = layer.meta["tensor_meta"].shape[1]
+            s = slice(start, start + c)
+            gm.add_submodule(layer.target, fold(gm.get_submodule(layer.target), norm.scale[s], norm.shift[s]))
+            asserts += drop_static_asserts(gm, layer)
+            start += c
+        remove_norm(gm, norm, norm.input)
+        folded, functional, tails = folded + 1, functional + bool(norm.stats), tails + bool(norm.tail)
     gm.delete_all_unused_submodules()
+    if functional or tails:
+        ctx.note(f"folded {folded} batch norm(s): {functional} F.batch_norm call(s), "
+                 f"{tails} leaf module(s) replaced by their drop and act")
+    if asserts:
+        ctx.note(f"removed {asserts} torch._assert shape check(s) on folded layers: they hold for "
+                 "the static shapes of the graph")
     return gm

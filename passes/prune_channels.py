@@ -4,8 +4,10 @@ Written only against graphopt's public API, like any plugin. The channel depende
 (``graphopt.analysis.channels``) says which channels must go together (a *group* of
 interchangeable classes: residual branches, concat offsets, depthwise convs, flatten blocks,
 channel shuffles...) and which must stay (model inputs and outputs, ops it does not understand,
-``ignore``). This pass scores each class, picks what to cut, and rebuilds every touched layer
-with sliced parameters.
+``ignore``). This pass scores each class, picks what to cut, and hands the plan to the
+analysis's ``cut``, which slices the parameters and resizes each layer through its layer family
+(``graphopt.register_layer``): a layer type graphopt does not know prunes once its family is
+registered.
 
 How much is cut:
 - ``ratio``: that fraction of every prunable group's channels (the default, 0.5).
@@ -35,9 +37,8 @@ Example:
 """
 from __future__ import annotations
 
-import difflib
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +48,11 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import ChannelAnalysis, ChannelGroup, Option, analyze_channels, node_macs, propagate_shapes
+from graphopt.analysis.channels import cut
+from graphopt.analysis.channels.blockers import blockers
+from graphopt.errors import did_you_mean
+from graphopt.numerics import flat_outputs
+from graphopt.report.text import human
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor")
 DEFAULT_RATIO = 0.5
@@ -68,17 +74,15 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio=None, 
     modules = dict(gm.named_modules())
     for name in ignore:
         if name not in modules:
-            close = difflib.get_close_matches(name, [k for k in modules if k], n=3)
             layers = [k for k, v in modules.items() if isinstance(v, _PRUNABLE_LAYERS)]
             raise graphopt.PassOptionError(
                 f"prune_channels: ignore names {name!r}, which is not a module of this model."
-                + (f" Did you mean {', '.join(map(repr, close))}?" if close else "")
+                + did_you_mean(name, modules)
                 + f" Its conv/linear layers: {', '.join(layers[:20])}{' ...' if len(layers) > 20 else ''}")
     if importance == "taylor" and not ctx.calibration_data:
         raise graphopt.MissingInputError(
             "prune_channels: importance='taylor' needs gradients on real inputs: pass "
             "calibration_data=[batch, ...] to optimize(), or use importance='l1', 'l2' or 'bn_scale'")
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +126,7 @@ def _taylor_scores(gm: fx.GraphModule, ctx, spaces: Sequence) -> Dict[str, np.nd
                 t.requires_grad_(True)
             for batch in ctx.progress(batches, desc="prune_channels: taylor", total=len(batches)):
                 gm.zero_grad(set_to_none=True)
-                outs = [o for o in _tensors(gm(*batch)) if o.is_floating_point()]
+                outs = [o for o in flat_outputs(gm(*batch)) if o.is_floating_point()]
                 sum(_self_loss(o) for o in outs).backward()
                 for s in spaces:
                     t = tensors[(s.module, s.param)]
@@ -134,13 +138,6 @@ def _taylor_scores(gm: fx.GraphModule, ctx, spaces: Sequence) -> Dict[str, np.nd
             t.requires_grad_(flags[k])
         gm.train(was_training)
     return {k: v / len(batches) for k, v in sums.items()}
-
-
-def _tensors(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    return [t for o in items for t in _tensors(o)]
 
 
 def _self_loss(out: torch.Tensor) -> torch.Tensor:
@@ -296,134 +293,11 @@ def _plan_budget(groups, scores, order, mac_model: _MacModel, budget: float, rou
 
 
 # --------------------------------------------------------------------------------------------
-# Surgery
-# --------------------------------------------------------------------------------------------
-
-Fixup = Callable[[nn.Module, Dict[str, int]], None]
-_FIXUPS: Dict[type, Fixup] = {}
-
-
-def register_fixup(*types: type) -> Callable[[Fixup], Fixup]:
-    """After a module's parameters were sliced, ``fixup(module, old)`` sets its size attributes
-    (``old``: the attributes before). One entry per layer family the analysis can cut."""
-
-    def decorate(fn: Fixup) -> Fixup:
-        for t in types:
-            _FIXUPS[t] = fn
-        return fn
-
-    return decorate
-
-
-@register_fixup(nn.modules.conv._ConvNd)
-def _fix_conv(m, old) -> None:
-    w = m.weight
-    depthwise = old["groups"] > 1 and old["in_channels"] == old["groups"]
-    if m.transposed:  # weight: (in, out / groups, *k)
-        m.in_channels = w.shape[0]
-        m.groups = m.in_channels if depthwise else old["groups"]
-        m.out_channels = w.shape[1] * m.groups
-    else:  # weight: (out, in / groups, *k)
-        m.out_channels = w.shape[0]
-        m.groups = m.out_channels // (old["out_channels"] // old["groups"]) if depthwise else old["groups"]
-        m.in_channels = w.shape[1] * m.groups
-
-
-@register_fixup(nn.Linear)
-def _fix_linear(m, old) -> None:
-    m.out_features, m.in_features = m.weight.shape
-
-
-@register_fixup(nn.modules.batchnorm._NormBase)
-def _fix_bn(m, old) -> None:
-    t = m.running_mean if m.running_mean is not None else m.weight
-    m.num_features = t.shape[0]
-
-
-@register_fixup(nn.GroupNorm)
-def _fix_gn(m, old) -> None:
-    m.num_channels = m.weight.shape[0]
-
-
-@register_fixup(nn.LayerNorm)
-def _fix_ln(m, old) -> None:
-    m.normalized_shape = (m.weight.shape[0],)
-
-
-@register_fixup(nn.PReLU)
-def _fix_prelu(m, old) -> None:
-    m.num_parameters = m.weight.shape[0]
-
-
-def _fixup_for(m: nn.Module) -> Fixup:
-    for base in type(m).__mro__:
-        if base in _FIXUPS:
-            return _FIXUPS[base]
-    raise TypeError(f"prune_channels cannot resize a {type(m).__name__}: no fixup registered")
-
-
-_SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-               "num_channels")
-
-
-def cut(gm: fx.GraphModule, analysis: ChannelAnalysis, removed: Dict[str, np.ndarray],
-        example_inputs) -> Dict[str, int]:
-    """Remove channels ``removed[space key]`` everywhere; returns each space's new size.
-
-    Every module with a cut parameter gets sliced parameters and buffers and new size
-    attributes; argument rewrites (split sizes, literal view sizes) are applied; then shapes
-    are propagated again and every node's channel count is checked against the plan."""
-    new_size = {k: s.size - len(removed.get(k, ())) for k, s in analysis.spaces.items()}
-    by_module: Dict[str, List[Tuple[str, int, np.ndarray]]] = {}
-    for k, idx in removed.items():
-        s = analysis.spaces[k]
-        if s.is_param and len(idx):
-            keep = np.setdiff1d(np.arange(s.size), idx)
-            by_module.setdefault(s.module, []).append((s.param, s.dim, keep))
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for name, cuts in by_module.items():
-        m = gm.get_submodule(name)
-        # a module the graph only reads parameters of (get_attr) keeps its attributes: the
-        # graph's own arguments were rewritten instead
-        fixup = _fixup_for(m) if name in called else (lambda m, old: None)
-        old = {a: getattr(m, a) for a in _SIZE_ATTRS if hasattr(m, a)}
-        for param, dim, keep in cuts:
-            t = getattr(m, param)
-            sliced = t.detach().index_select(dim, torch.as_tensor(keep, dtype=torch.long)).clone()
-            if isinstance(t, nn.Parameter):
-                setattr(m, param, nn.Parameter(sliced, requires_grad=t.requires_grad))
-            else:
-                setattr(m, param, sliced)
-        fixup(m, old)
-    for node, fn in analysis.resizes:
-        fn(node, lambda s: new_size[s.key])
-    gm.graph.lint()
-    gm.recompile()
-    propagate_shapes(gm, example_inputs)
-    for node in gm.graph.nodes:
-        s = analysis.node_spaces.get(node.name)
-        if s is not None:
-            shape = node.meta["tensor_meta"].shape
-            if shape[s.dim] != new_size[s.key]:
-                raise RuntimeError(
-                    f"prune_channels: after the cut `{node.name}` has {shape[s.dim]} channels in dim "
-                    f"{s.dim}, the plan said {new_size[s.key]}: a channel rule is wrong for this graph")
-    return new_size
-
-
-# --------------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------------
 
 def _width(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
-def _fmt(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
 
 
 @graphopt.register_pass(
@@ -448,18 +322,22 @@ def _fmt(n: float) -> str:
 def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_macs, importance,
                    round_to, min_channels, ignore):
     """Cut the least important channels of every prunable channel group."""
-    validate_options(gm, ctx, ratio=ratio, target_macs=target_macs, importance=importance, ignore=ignore)
     if ratio is None and target_macs is None:
         ratio = DEFAULT_RATIO
     if round_to is None:
-        lanes = getattr(ctx.target, "preferred_channel_multiple", None) if ctx.target is not None else None
-        round_to = int(lanes) if lanes else DEFAULT_ROUND_TO
+        caps = ctx.capabilities
+        round_to = caps.preferred_channel_multiple if caps is not None else DEFAULT_ROUND_TO
     if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op == "call_module"):
         propagate_shapes(gm, ctx.example_inputs)
     macs_before = graphopt.count_macs(gm)
     params_before = graphopt.count_params(gm)
     before_widths = {name: _width(m) for name, m in gm.named_modules() if isinstance(m, _PRUNABLE_LAYERS)}
-    analysis = analyze_channels(gm, frozen_modules={n: f"in ignore ({n})" for n in ignore})
+    frozen = {n: f"in ignore ({n})" for n in ignore}
+    # tied tensors: cutting one module's copy would untie it (a module called twice is one space)
+    for module, why in graphopt.shared_weights(gm, calls=False).items():
+        if module and module not in frozen:
+            frozen[module] = f"{why}: cutting it would change every use"
+    analysis = analyze_channels(gm, frozen_modules=frozen)
     groups = analysis.prunable_groups()
     scores, notes = group_importance(gm, ctx, groups, importance)
     order = {g.id: np.argsort(scores[g.id], kind="stable") for g in groups}  # least important first
@@ -471,10 +349,10 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
         budget = target_macs * macs_before if target_macs < 1 else target_macs
         model = _MacModel(gm, analysis, groups, order)
         cuts, estimate = _plan_budget(groups, scores, order, model, budget, round_to, min_channels)
-        how = f"global ranking for a budget of {_fmt(budget)} MACs"
+        how = f"global ranking for a budget of {human(budget)} MACs"
         if estimate > budget:
-            ctx.note(f"budget of {_fmt(budget)} MACs not reachable: cutting every prunable group to its "
-                     f"minimum leaves about {_fmt(estimate)} (frozen channels and round_to={round_to} limit it)")
+            ctx.note(f"budget of {human(budget)} MACs not reachable: cutting every prunable group to its "
+                     f"minimum leaves about {human(estimate)} (frozen channels and round_to={round_to} limit it)")
 
     removed: Dict[str, List[np.ndarray]] = {}
     for g in groups:
@@ -482,6 +360,7 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
             for k in g.spaces:
                 removed.setdefault(k, []).append(g.index[k][c])
     removed_idx = {k: np.unique(np.concatenate(v)) for k, v in removed.items()}
+    locked = blockers(analysis)[:3]  # weighed on the graph before the cut
     cut(gm, analysis, removed_idx, ctx.example_inputs)
 
     ctx.note(f"{len(groups)} prunable channel groups ({how}, {importance} importance, round_to={round_to}, "
@@ -507,6 +386,8 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
             ctx.note(f"{g.describe()}: left alone: {g.reason}")
     for node, why in analysis.unknown.items():
         ctx.note(f"`{node}` not understood, its channels are left alone: {why}")
+    for n in analysis.notes:  # what the cut rewrote besides the layers (shape asserts)
+        ctx.note(n)
     widths = []
     for name, m in gm.named_modules():
         if name in before_widths and before_widths[name] != _width(m):
@@ -514,7 +395,18 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     if widths:
         ctx.note("output channels: " + ", ".join(widths))
     macs_after, params_after = graphopt.count_macs(gm), graphopt.count_params(gm)
-    ctx.note(f"MACs {_fmt(macs_before)} -> {_fmt(macs_after)} ({100 * (1 - macs_after / max(macs_before, 1)):.1f}% cut), "
-             f"params {_fmt(params_before)} -> {_fmt(params_after)} "
+    ctx.note(f"MACs {human(macs_before)} -> {human(macs_after)} ({100 * (1 - macs_after / max(macs_before, 1)):.1f}% cut), "
+             f"params {human(params_before)} -> {human(params_after)} "
              f"({100 * (1 - params_after / max(params_before, 1)):.1f}% cut)")
+    asked = ratio if ratio is not None else 1 - min(budget / max(macs_before, 1), 1.0)
+    _warn_if_short(ctx, locked, asked, 1 - macs_after / max(macs_before, 1), how)
     return gm
+
+
+def _warn_if_short(ctx, top, asked: float, achieved: float, how: str) -> None:
+    """Say so, at warning level, when the cut is under half of what was asked, naming the
+    blockers that lock the most MACs (``top``) and what would unblock them."""
+    if asked <= 0 or achieved >= asked / 2:
+        return
+    ctx.warn(f"cut {achieved:.1%} of the MACs where {how} asks for about {asked:.0%}: most channels are "
+             "locked. " + (" | ".join(f"{b.describe()}" for b in top) if top else "no channel group is prunable"))

@@ -31,8 +31,7 @@ Example:
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -49,39 +48,20 @@ ACTIVATION_DTYPES = ("auto", "uint8", "int8")
 _DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
 
 
-def activation_dtype_for(choice: str, target) -> torch.dtype:
-    """``auto``: uint8 on x86 (VNNI multiplies uint8 by int8) and without a target, int8 on
-    AArch64 (``sdot`` multiplies int8 by int8)."""
+def activation_dtype_for(choice: str, ctx: graphopt.PassContext) -> torch.dtype:
+    """``auto``: what the target's int8 kernels take (its ``activation_dtype`` capability: uint8
+    on x86, where VNNI multiplies uint8 by int8, int8 on AArch64, where ``sdot`` multiplies int8
+    by int8); uint8 without a target."""
     if choice != "auto":
         return _DTYPES[choice]
-    return torch.int8 if getattr(target, "arch", None) == "aarch64" else torch.uint8
-
-
-def _check_batches(ctx: graphopt.PassContext) -> None:
-    """Every calibration batch must match the example inputs in all but the batch dimension."""
-    example = tuple(ctx.example_inputs)
-    for i, batch in enumerate(ctx.calibration_data or ()):
-        if len(batch) != len(example):
-            raise graphopt.InputShapeError(
-                f"quantize: calibration batch {i} has {len(batch)} input(s), the model takes {len(example)}: "
-                "give each batch as a tensor or a tuple of tensors, one per model input")
-        for j, (t, e) in enumerate(zip(batch, example)):
-            if not isinstance(t, torch.Tensor) or t.shape[1:] != e.shape[1:] or t.dtype != e.dtype:
-                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise graphopt.InputShapeError(
-                    f"quantize: calibration batch {i}, input {j} is {got}, but the model's example input is "
-                    f"{tuple(e.shape)} {e.dtype}: calibration batches must have the example's shape and dtype "
-                    "except for the batch dimension")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise graphopt.InputShapeError(
-                    f"quantize: calibration batch {i}, input {j} contains {int((~torch.isfinite(t)).sum())} NaN/Inf "
-                    "value(s): calibration data must be finite (normalized like the model's real inputs)")
+    caps = ctx.capabilities
+    return _DTYPES[caps.activation_dtype] if caps is not None else torch.uint8
 
 
 def _validate(gm: fx.GraphModule, ctx: graphopt.PassContext, *, skip, max_drop, **_) -> None:
     """Before any pass runs: data shapes, skip patterns, and max_drop's need for eval_fn."""
     ctx.require(("calibration_data",), "pass 'quantize'")
-    _check_batches(ctx)
+    graphopt.check_batches(ctx.calibration_data, ctx.example_inputs, "quantize: calibration")
     if max_drop is not None and ctx.eval_fn is None:
         raise graphopt.MissingInputError(
             "quantize: max_drop needs an eval_fn to measure accuracy: pass eval_fn=lambda model: accuracy(model), "
@@ -124,9 +104,7 @@ def quantize(gm: fx.GraphModule, ctx: graphopt.PassContext, *, observer: str, pe
              activation_dtype: str, skip: Sequence[str], first_last_fp32: bool, max_drop: Optional[float],
              percentile: float, num_batches: Optional[int]) -> fx.GraphModule:
     """Calibrate, then replace every quantizable layer (not kept in float) by integer compute."""
-    ctx.require(("calibration_data",), "pass 'quantize'")
-    _check_batches(ctx)
-    dtype = activation_dtype_for(activation_dtype, ctx.target)
+    dtype = activation_dtype_for(activation_dtype, ctx)
     p = qgraph.plan(gm)
     for message in p.skipped:
         ctx.note(message)

@@ -171,12 +171,12 @@ def choose(conv, xs, mode, multiplier, max_error, min_saving) -> Tuple[Optional[
     return None, f"output error {best_err:.3f} > max_error {max_error} at every rank tried"
 
 
-def faster_on_target(target, conv, f: Factorization, x: torch.Tensor) -> Tuple[bool, str]:
+def faster_on_target(caps: graphopt.TargetCapabilities, conv, f: Factorization, x: torch.Tensor) -> Tuple[bool, str]:
     """Time the original layer and the pair on the target, alone, on one real input."""
     sample = (x[:1],)
-    before = target.measure_latency(fx.symbolic_trace(nn.Sequential(conv)), sample)
-    after = target.measure_latency(fx.symbolic_trace(nn.Sequential(*f.modules)), sample)
-    return after < before, f"{before:.3g} ms -> {after:.3g} ms on {target.name}"
+    before = caps.measure_latency(fx.symbolic_trace(nn.Sequential(conv)), sample)
+    after = caps.measure_latency(fx.symbolic_trace(nn.Sequential(*f.modules)), sample)
+    return after < before, f"{before:.3g} ms -> {after:.3g} ms on {caps.name}"
 
 
 def _validate_names(gm: fx.GraphModule, names: Sequence[str], option: str, need_standard: bool) -> None:
@@ -223,7 +223,6 @@ def validate_options(gm: fx.GraphModule, ctx, layers=(), ignore=(), **_) -> None
 )
 def separable_conv(gm, ctx, mode, multiplier, max_error, min_saving, layers, ignore, measure):
     """Factorize every standard conv that fits the error budget and saves enough MACs."""
-    validate_options(gm, ctx, layers=layers, ignore=ignore)
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_factorizable(gm.get_submodule(n.target))]
     if mode == "spatial":
         def spatial_ok(m):
@@ -239,18 +238,20 @@ def separable_conv(gm, ctx, mode, multiplier, max_error, min_saving, layers, ign
     if sum(1 for n in gm.graph.nodes if n.op == "call_module") and not nodes:
         ctx.note("no convolution to factorize (kernel > 1, not depthwise)")
     inputs = record_inputs(gm, [n.target for n in nodes], ctx.data_batches())
+    shared = graphopt.shared_weights(gm)
     for node in nodes:
         conv = gm.get_submodule(node.target)
-        if sum(1 for u in gm.graph.nodes if u.op == "call_module" and u.target == node.target) > 1:
-            ctx.note(f"{node.target} skipped: called more than once (shared weights)")
+        if node.target in shared:
+            ctx.note(f"{node.target} skipped: {shared[node.target]}")
             continue
         f, why = choose(conv, inputs[node.target], mode, multiplier, max_error, min_saving)
         if f is None:
             ctx.note(f"{node.target} skipped: {why}")
             continue
         timing = ""
-        if measure and ctx.target is not None and hasattr(ctx.target, "measure_latency"):
-            faster, timing = faster_on_target(ctx.target, conv, f, inputs[node.target][0])
+        caps = ctx.capabilities
+        if measure and caps is not None and caps.can_measure_latency:
+            faster, timing = faster_on_target(caps, conv, f, inputs[node.target][0])
             if not faster:
                 ctx.note(f"{node.target} kept as is: the pair is not faster ({timing})")
                 continue

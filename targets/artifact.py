@@ -26,6 +26,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -36,6 +37,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -55,8 +57,9 @@ __all__ = ["BenchmarkResult", "CompiledModel", "FORMAT", "FORMAT_VERSION", "load
 _log = logging.getLogger("graphopt.targets")
 
 FORMAT = "graphopt-compiled-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
 LIB, PARAMS, IR, MANIFEST = "model.so", "params.npz", "ir.txt", "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,16 @@ class BenchmarkResult:
     def __str__(self) -> str:
         return (f"{self.median_ms:.3f} ms median (p10-p90 {self.p10_ms:.3f}-{self.p90_ms:.3f}, "
                 f"{self.repeat} runs, {self.num_threads} threads, {self.where})")
+
+
+def _to_caller(out: np.ndarray, dtype: str, as_torch: bool):
+    """A library output in the caller's kind and dtype (numpy has no bfloat16: float32 there)."""
+    import torch
+
+    if as_torch:
+        t = torch.from_numpy(np.ascontiguousarray(out))
+        return t if str(t.dtype) == f"torch.{dtype}" else t.to(getattr(torch, dtype))
+    return out if dtype == "bfloat16" or str(out.dtype) == dtype else out.astype(dtype)
 
 
 def _sha256(path: Path) -> str:
@@ -128,8 +141,13 @@ class CompiledModel:
         self._params = params
         self._owned = owns_directory
         self._runner = None
+        self._lock = threading.RLock()  # starts the runner once; serializes runners that are not thread-safe
         self.inputs = [TensorSpec.from_dict(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(d) for d in manifest["outputs"]]
+        # the caller's dtypes where the library computes in another (a float16 model runs in float32)
+        io = manifest.get("io_dtypes") or {}
+        self.input_dtypes = list(io.get("inputs") or [s.dtype for s in self.inputs])
+        self.output_dtypes = list(io.get("outputs") or [s.dtype for s in self.outputs])
         self.tuning = TuningInfo.from_dict(manifest.get("tuning") or {})
         self.num_threads = int(manifest["num_threads"])
 
@@ -166,6 +184,8 @@ class CompiledModel:
             "entry": "main",
             "inputs": [s.to_dict() for s in lowered.inputs],
             "outputs": [s.to_dict() for s in lowered.outputs],
+            "io_dtypes": lowered.io_dtypes,
+            "notes": list(lowered.notes),
             "out_tree": lowered.out_tree,
             "params": [TensorSpec(f"p{i:04d}", tuple(p.shape), str(p.dtype)).to_dict()
                        for i, p in enumerate(params)],
@@ -191,18 +211,22 @@ class CompiledModel:
             raise InputShapeError(f"this model takes {len(self.inputs)} input(s) "
                                   f"({self._specs_text()}), got {len(args)}")
         arrays = []
-        for i, (x, spec) in enumerate(zip(args, self.inputs)):
+        for i, (x, spec, dtype) in enumerate(zip(args, self.inputs, self.input_dtypes)):
             if isinstance(x, torch.Tensor):
-                x = x.detach().cpu().numpy()
-            elif not isinstance(x, np.ndarray):
+                got = str(x.dtype).replace("torch.", "")
+                x = x.detach().cpu()
+                x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
+            elif isinstance(x, np.ndarray):
+                got = str(x.dtype)
+            else:
                 raise InputShapeError(f"input {i} ({spec.name}) must be a torch tensor or numpy array, "
                                       f"not {type(x).__name__}")
-            if tuple(x.shape) != spec.shape or str(x.dtype) != spec.dtype:
+            if tuple(x.shape) != spec.shape or got != dtype:
                 raise InputShapeError(
-                    f"input {i} ({spec.name}) must be {list(spec.shape)} {spec.dtype}, got "
-                    f"{list(x.shape)} {x.dtype}: the model was compiled for fixed shapes; "
+                    f"input {i} ({spec.name}) must be {list(spec.shape)} {dtype}, got "
+                    f"{list(x.shape)} {got}: the model was compiled for fixed shapes; "
                     "compile again with example inputs of the new shape")
-            arrays.append(x)
+            arrays.append(x.astype(spec.dtype, copy=False))
         return arrays
 
     def _unpack(self, args: Sequence[Any]) -> Sequence[Any]:
@@ -212,16 +236,21 @@ class CompiledModel:
         return args
 
     def _specs_text(self) -> str:
-        return ", ".join(f"{s.name}: {list(s.shape)} {s.dtype}" for s in self.inputs)
+        return ", ".join(f"{s.name}: {list(s.shape)} {d}" for s, d in zip(self.inputs, self.input_dtypes))
 
     @property
     def runner(self):
         """The runner (started on first use: a qemu worker or an RPC session takes seconds)."""
-        if self._runner is None:
-            if self._dir is None:
-                raise ArtifactError("this CompiledModel is closed")
-            self._runner = make_runner(self.target, str(self._dir / LIB), params=self._params)
-        return self._runner
+        with self._lock:
+            if self._runner is None:
+                if self._dir is None:
+                    raise ArtifactError("this CompiledModel is closed")
+                self._runner = make_runner(self.target, str(self._dir / LIB), params=self._params)
+            return self._runner
+
+    def _serialized(self, runner):
+        """A lock to hold around ``runner``'s calls: none for thread-safe runners."""
+        return contextlib.nullcontext() if getattr(runner, "thread_safe", False) else self._lock
 
     def __call__(self, *args):
         """Run on torch tensors (returns torch tensors) or numpy arrays (returns numpy)."""
@@ -229,11 +258,13 @@ class CompiledModel:
         import torch.utils._pytree as pytree
 
         arrays = self._check_inputs(args)
-        flat = self.runner.run(arrays)
+        runner = self.runner
+        with self._serialized(runner):
+            flat = runner.run(arrays)
         if len(flat) != len(self.outputs):
             raise TargetError(f"the library returned {len(flat)} outputs, the graph has {len(self.outputs)}")
         as_torch = any(isinstance(a, torch.Tensor) for a in self._unpack(args))
-        leaves = [torch.from_numpy(np.ascontiguousarray(o)) if as_torch else o for o in flat]
+        leaves = [_to_caller(o, dtype, as_torch) for o, dtype in zip(flat, self.output_dtypes)]
         return pytree.tree_unflatten(leaves, pytree.treespec_loads(self._manifest["out_tree"]))
 
     def benchmark(self, repeat: int = 50, *, warmup: int = 5, inputs: Optional[Sequence] = None) -> BenchmarkResult:
@@ -247,16 +278,17 @@ class CompiledModel:
         else:
             arrays = self._check_inputs(tuple(inputs))
         runner = self.runner
-        if hasattr(runner, "time_runs"):
-            seconds = runner.time_runs(arrays, repeat, warmup)
-        else:
-            for _ in range(warmup):
-                runner.run(arrays)
-            seconds = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                runner.run(arrays)
-                seconds.append(time.perf_counter() - start)
+        with self._serialized(runner):
+            if hasattr(runner, "time_runs"):
+                seconds = runner.time_runs(arrays, repeat, warmup)
+            else:
+                for _ in range(warmup):
+                    runner.run(arrays)
+                seconds = []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    runner.run(arrays)
+                    seconds.append(time.perf_counter() - start)
         ms = sorted(s * 1e3 for s in seconds)
         q = lambda f: ms[min(len(ms) - 1, int(round(f * (len(ms) - 1))))]  # noqa: E731
         where = "rpc" if self.target.remote else "qemu" if self.target.emulated else "local"
@@ -264,6 +296,29 @@ class CompiledModel:
                                std_ms=statistics.pstdev(ms), min_ms=ms[0], max_ms=ms[-1],
                                p10_ms=q(0.1), p90_ms=q(0.9), repeat=repeat,
                                num_threads=self.num_threads, where=where)
+
+    def verify(self) -> None:
+        """Run the library once on zeros and check its outputs against the manifest.
+
+        A library that is not the one the manifest describes (another model's ``model.so``,
+        weights of other shapes) then fails here, with an ArtifactError, instead of on the
+        first call inside TVM.
+        """
+        arrays = [np.zeros(s.shape, s.dtype) for s in self.inputs]
+        try:
+            runner = self.runner
+            with self._serialized(runner):
+                flat = runner.run(arrays)
+        except Exception as e:
+            raise ArtifactError(
+                f"{self._dir / LIB} does not run with the inputs and weights its manifest lists "
+                f"({self._specs_text()}): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+                "the artifact's files do not belong together: save the model again") from e
+        got = [(tuple(o.shape), str(o.dtype)) for o in flat]
+        want = [(s.shape, s.dtype) for s in self.outputs]
+        if got != want:
+            raise ArtifactError(f"{self._dir / LIB} returns {got}, its manifest says {want}: the artifact's "
+                                "files do not belong together: save the model again")
 
     def ir(self) -> str:
         """The final Relax module (after tuning and weight-transform lifting), as text."""
@@ -279,6 +334,7 @@ class CompiledModel:
                 "trials_run": t.trials_run, "tasks": t.tasks, "tasks_tuned": t.tasks_tuned,
                 "cache_hits": t.cache_hits, "tuning_seconds": round(t.seconds, 2),
                 "build_seconds": self._manifest.get("build_seconds", 0.0),
+                **({"notes": "; ".join(self._manifest["notes"])} if self._manifest.get("notes") else {}),
                 "tuning": t.to_dict()}
 
     @property
@@ -303,6 +359,7 @@ class CompiledModel:
         manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         manifest["files"] = {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
                              for name in (LIB, PARAMS, IR)}
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         tmp = out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, out / MANIFEST)
@@ -310,9 +367,10 @@ class CompiledModel:
 
     def close(self) -> None:
         """Stop the runner (qemu worker, RPC session) and delete the private build directory."""
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        with self._lock:
+            if self._runner is not None:
+                self._runner.close()
+                self._runner = None
         if self._owned is not None:
             self._owned.cleanup()
             self._owned = None
@@ -357,10 +415,67 @@ def _read_manifest(directory: Path) -> Dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{directory} uses artifact format version {manifest.get('format_version')}; "
                             f"this graphopt reads version {FORMAT_VERSION}: rebuild the model")
+    if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        raise ArtifactError(f"{path} was changed after it was saved (its {MANIFEST_DIGEST} does not match "
+                            "its content): the artifact cannot be trusted; save the model again")
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"{path} lacks {', '.join(missing)}: corrupt manifest")
+    _check_fields(path, manifest)
     return manifest
+
+
+def _is_dtype(name: Any) -> bool:
+    """A numpy dtype name, or bfloat16 (which numpy lacks)."""
+    if name == "bfloat16":
+        return True
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return isinstance(name, str)
+
+
+def manifest_digest(manifest: Dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, without the digest itself."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_fields(path: Path, manifest: Dict[str, Any]) -> None:
+    """Every field the loader uses has the type and range it needs (a clear error, not one from TVM)."""
+    def bad(field: str, why: str):
+        raise ArtifactError(f"{path}: {field} {why}: corrupt manifest; save the model again")
+
+    for field in ("inputs", "outputs", "params"):
+        specs = manifest[field]
+        if not isinstance(specs, list) or (field == "inputs" and not specs):
+            bad(field, "must be a non-empty list" if field == "inputs" else "must be a list")
+        for i, d in enumerate(specs):
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+                bad(f"{field}[{i}]", "must be a {name, shape, dtype} record")
+            shape = d.get("shape")
+            if not isinstance(shape, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                      for v in shape):
+                bad(f"{field}[{i}].shape", f"must be a list of non-negative ints, not {shape!r}")
+            if not _is_dtype(d.get("dtype")):
+                bad(f"{field}[{i}].dtype", f"{d.get('dtype')!r} is not a dtype")
+    threads = manifest["num_threads"]
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
+        bad("num_threads", f"must be an int from 1 to 1024, not {threads!r}")
+    if not isinstance(manifest["target"], dict):
+        bad("target", "must be a record")
+    if not isinstance(manifest["out_tree"], str):
+        bad("out_tree", "must be a string")
+    files = manifest["files"]
+    if not isinstance(files, dict) or sorted(files) != sorted((LIB, PARAMS, IR)):
+        bad("files", f"must list exactly {LIB}, {PARAMS} and {IR}")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
+            bad(f"files[{name!r}]", "must be a {bytes, sha256} record")
+    if not isinstance(manifest["versions"], dict):
+        bad("versions", "must be a record")
 
 
 def _check_files(directory: Path, manifest: Dict[str, Any]) -> None:
@@ -450,4 +565,10 @@ def load(directory, *, rpc: Optional[str] = None, tracker: Optional[str] = None,
     manifest["num_threads"] = target.runtime_threads if num_threads is not None else manifest["num_threads"]
     if num_threads is None and target.num_threads is None:
         target = target.replace(num_threads=int(manifest["num_threads"]))
-    return CompiledModel(target, directory, manifest, params)
+    model = CompiledModel(target, directory, manifest, params)
+    try:
+        model.verify()
+    except Exception:
+        model.close()
+        raise
+    return model

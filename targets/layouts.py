@@ -180,8 +180,6 @@ def _legalize_conv2d(bb, call):
     if not _blocked(attrs.data_layout):
         return _nn_conv2d(bb, call)
     out_dtype = attrs.out_dtype if attrs.out_dtype != "" else None
-    common = dict(stride=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
-                  layout=attrs.data_layout, out_layout=attrs.out_layout, out_dtype=out_dtype)
     if int(attrs.groups) == 1:
         return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], attrs.strides,
                           attrs.padding, attrs.dilation, out_dtype or call.args[0].ty.dtype,

@@ -7,10 +7,16 @@ The import goes through ``torch.export`` and TVM's ``from_exported_program`` wit
 graphopt owns this step because the frontend does not cover everything graphopt emits
 (quantized ops have no translation at all, design.md). Two hooks extend it:
 
-* :func:`register_translation` maps an ATen/custom op name to a function building Relax for
-  it (TVM's ``custom_convert_map`` contract: ``fn(node, importer) -> relax.Var``);
+* :func:`register_translation` (:mod:`.translations`) maps an ATen/custom op name to a function
+  building Relax for it (TVM's ``custom_convert_map`` contract: ``fn(node, importer) -> relax.Var``);
 * :func:`register_relax_rewrite` adds an ``IRModule -> IRModule`` rewrite applied after
   import (e.g. turning ``dequantize -> conv2d -> quantize`` into an integer conv).
+
+graphopt's own translations are registered by this module, whatever else was imported, so a
+graph lowers the same in every process: the int8 ops' (:mod:`graphopt.targets.int8`), and the
+ATen ops' that keep int8 values in their blocked layout and fill in the max pooling arguments
+the frontend mishandles (:mod:`graphopt.targets.int8.blocked`; on float values they are the
+frontend's own).
 
 Example:
     >>> import torch
@@ -25,55 +31,33 @@ import copy
 import dataclasses
 import logging
 import warnings
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from graphopt.errors import InputShapeError, TargetError
 
-__all__ = ["LoweredModel", "TensorSpec", "lower", "register_relax_rewrite", "register_translation",
-           "translations", "relax_rewrites"]
+from .int8 import blocked, relax_lowering  # noqa: F401  (register graphopt's own translations)
+from .translations import LoweringState, add_unique, convert_map, register_translation, translations
+
+__all__ = ["LoweredModel", "LoweringState", "TensorSpec", "lower", "register_relax_rewrite",
+           "register_translation", "translations", "relax_rewrites"]
 
 log = logging.getLogger("graphopt.targets")
 
-_TRANSLATIONS: Dict[str, Callable] = {}
 _REWRITES: Dict[str, Callable] = {}
-
-
-def register_translation(op_name: str) -> Callable[[Callable], Callable]:
-    """Decorator: translate the exported op ``op_name`` (e.g. ``"my_qconv.default"``) to Relax.
-
-    The function receives ``(node, importer)`` and returns a Relax expression; use
-    ``importer.env[arg]`` for translated arguments and ``importer.block_builder.emit``.
-    A name registered twice by different functions is an error.
-    """
-    def deco(fn: Callable) -> Callable:
-        _add(_TRANSLATIONS, "translation", op_name, fn)
-        return fn
-    return deco
 
 
 def register_relax_rewrite(name: str) -> Callable[[Callable], Callable]:
     """Decorator: ``fn(mod: IRModule) -> IRModule``, applied after import in registration order."""
     def deco(fn: Callable) -> Callable:
-        _add(_REWRITES, "Relax rewrite", name, fn)
+        add_unique(_REWRITES, "Relax rewrite", name, fn)
         return fn
     return deco
 
 
-def translations() -> Dict[str, Callable]:
-    return dict(_TRANSLATIONS)
-
-
 def relax_rewrites() -> Dict[str, Callable]:
     return dict(_REWRITES)
-
-
-def _add(table: Dict[str, Callable], kind: str, name: str, fn: Callable) -> None:
-    old = table.get(name)
-    if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
-        raise ValueError(f"{kind} {name!r} is already registered by {old.__module__}.{old.__qualname__}")
-    table[name] = fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +84,12 @@ class LoweredModel:
         mod: IRModule whose ``main`` takes ``(*inputs, *params)`` and returns a flat tuple.
         params: the weights, in ``main``'s parameter order.
         param_specs: their names (the exported names), shapes and dtypes.
-        inputs: the user inputs' specs.
-        outputs: the flat outputs' specs.
+        inputs: the user inputs' specs, as the library takes them.
+        outputs: the flat outputs' specs, as the library returns them.
         out_tree: ``torch.utils._pytree`` spec (serialized) rebuilding the output structure.
+        io_dtypes: ``{"inputs": [...], "outputs": [...]}``, the caller's dtypes, when the library
+            computes in others (a float16 model compiled in float32); None when they are the same.
+        notes: what the lowering changed that a user should know (for the compile summary).
     """
 
     mod: Any
@@ -111,6 +98,8 @@ class LoweredModel:
     inputs: List[TensorSpec]
     outputs: List[TensorSpec]
     out_tree: str
+    io_dtypes: Optional[Dict[str, List[str]]] = None
+    notes: List[str] = dataclasses.field(default_factory=list)
 
 
 def _var_name(var) -> str:
@@ -170,18 +159,20 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
         raise InputShapeError("example_inputs must be a non-empty tuple of torch tensors, got "
                               + ", ".join(type(x).__name__ for x in inputs))
     module = weights_as_parameters(gm).eval()
+    module, inputs, io_dtypes, notes = _in_float32_if_half(module, inputs)
     try:
         with torch.no_grad():
             ep = torch.export.export(module, inputs)
     except Exception as e:  # torch.export raises many unrelated types
         raise TargetError(f"torch.export could not export the graph for lowering: {type(e).__name__}: {e}") from e
+    state = LoweringState()  # what graphopt's translations remember during this lowering only
     try:
         with warnings.catch_warnings():
             # torch 2.13 warns about its own pytree internals while the frontend copies the
             # exported program: nothing a user can act on, and once per lowering
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             mod = from_exported_program(ep, keep_params_as_input=True,
-                                        custom_convert_map=translations() or None)
+                                        custom_convert_map=convert_map(state) or None)
     except Exception as e:
         msg = str(e)
         hint = ("; add one with @graphopt.targets.lowering.register_translation('<op>')"
@@ -213,5 +204,42 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
                               "compiled models return tensors only")
         outputs.append(TensorSpec(f"output{i}", tuple(val.shape), _np_dtype(val.dtype)))
     out_spec = ep.call_spec.out_spec
+    if io_dtypes is not None:
+        io_dtypes["outputs"] = [io_dtypes["outputs"][i] if i < len(io_dtypes["outputs"]) else o.dtype
+                                for i, o in enumerate(outputs)]
     return LoweredModel(mod=mod, params=params, param_specs=param_specs, inputs=input_specs,
-                        outputs=outputs, out_tree=pytree.treespec_dumps(out_spec))
+                        outputs=outputs, out_tree=pytree.treespec_dumps(out_spec), io_dtypes=io_dtypes,
+                        notes=notes)
+
+
+#: Float dtypes graphopt's CPU lowering computes in float32 (the frontend and TOPI's CPU
+#: schedules do not handle them; x86 and most ARM cores have no fast fp16/bf16 arithmetic).
+_HALF = ("float16", "bfloat16")
+
+
+def _in_float32_if_half(module, inputs):
+    """A half-precision model as float32: weights and inputs converted, the caller's dtypes kept
+    for the artifact's boundary (inputs accepted and outputs returned in them)."""
+    import torch
+
+    def name(dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    found = {name(t.dtype) for t in [*module.parameters(), *module.buffers(), *inputs]} & set(_HALF)
+    if not found:
+        return module, inputs, None, []
+    with torch.no_grad():
+        outputs = [t for t in pytree_leaves(module(*[x.clone() for x in inputs])) if isinstance(t, torch.Tensor)]
+    io = {"inputs": [name(x.dtype) for x in inputs], "outputs": [name(t.dtype) for t in outputs]}
+    module = module.float()
+    inputs = tuple(x.float() if name(x.dtype) in _HALF else x for x in inputs)
+    note = (f"compiled in float32: the model is {' and '.join(sorted(found))}, which graphopt's CPU "
+            "targets compute in float32 (inputs and outputs keep the model's dtypes)")
+    log.info(note)
+    return module, inputs, io, [note]
+
+
+def pytree_leaves(value) -> list:
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_leaves(value)

@@ -145,6 +145,8 @@ def _add_flat_transform_entry(mod):
         return mod
     param = mod["main_transform_params"].params[0]
     tuple_info = getattr(param, "ty", None) or param.struct_info  # 0.27 unified StructInfo into ty
+    if not tuple_info.fields:  # a model without weights: nothing to transform (and the VM
+        return mod             # fails calling a function on an empty tuple)
     weights = [relax.Var(f"w{i}", info) for i, info in enumerate(tuple_info.fields)]
     bb = relax.BlockBuilder(mod)
     with bb.function(TRANSFORM_ENTRY, weights):

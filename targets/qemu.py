@@ -40,12 +40,13 @@ import numpy as np
 
 from graphopt.errors import TargetError
 
+from .processes import kill_group
 from .arm_sysroot import (
     PYTHON_RELPATH, RUNTIME_EXTRA_RELPATH, SITE_PACKAGES_RELPATH, ensure_sysroot,
     require_cross_compiler, require_qemu,
 )
 
-__all__ = ["QemuRunner", "cross_compile_library", "die_with_parent", "elf_machine",
+__all__ = ["QemuRunner", "cross_compile_library", "elf_machine",
            "qemu_cpu_names", "qemu_python_command"]
 
 _HEADER = struct.Struct("<cQ")
@@ -220,7 +221,7 @@ class QemuRunner:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_group(proc)
             _close_fd(self._resp_r)
         if getattr(self, "_stderr", None) is not None:
             self._stderr.close()
@@ -258,7 +259,7 @@ class QemuRunner:
         while got < n:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0 or not select.select([self._resp_r], [], [], left)[0]:
-                _kill_group(self._proc)
+                kill_group(self._proc)
                 err = self._death(doing, f"timed out after {self.timeout:g} s")
                 self.close()
                 raise err
@@ -276,7 +277,7 @@ class QemuRunner:
         try:
             code = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             code = proc.wait()
         if why is None:
             if code < 0:
@@ -296,23 +297,6 @@ class QemuRunner:
         return TargetError(f"the aarch64 worker running {self.lib_path.name} under qemu "
                            f"(QEMU_CPU={self.cpu}) {why} while {doing}"
                            + (f"\n{tail}" if tail else ""))
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for helper processes: SIGKILL them when the process that started them dies.
-
-    Helpers run in their own session (so a group kill reaches their children) and would
-    otherwise outlive a parent killed before its cleanup ran (a CI timeout, a SIGKILL). Note
-    Linux ties this to the *thread* that started the child: start helpers from a thread that
-    lives as long as they should.
-    """
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: helpers are still killed by close()
 
 
 def _save_arrays(path: os.PathLike, arrays: Sequence[np.ndarray]) -> None:
@@ -335,16 +319,6 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def _kill_group(proc: Optional[subprocess.Popen]) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker runs in its own session
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _worker_main(lib_path, params_path, entry, fd_in, fd_out, runtime_extra):

@@ -1,7 +1,7 @@
 """Where a compiled library runs: in this process, under qemu, or on an RPC device.
 
 Every runner has the same small interface (``run(list of arrays) -> list of arrays``,
-``close()``), so :class:`~graphopt.targets.artifact.CompiledModel` does not care where the
+``close()``, optionally ``thread_safe``), so :class:`~graphopt.targets.artifact.CompiledModel` does not care where the
 code executes. :class:`LocalRunner` is the in-process one; :class:`QemuRunner` and
 :class:`RpcRunner` live in :mod:`graphopt.targets.qemu` and :mod:`graphopt.targets.rpc`.
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -23,13 +24,13 @@ from graphopt.errors import TargetError
 __all__ = ["LocalRunner", "make_runner", "set_runtime_threads"]
 
 log = logging.getLogger("graphopt.targets")
-_THREADS: List[Optional[int]] = [None]  # what this process's TVM thread pool was last set to
+_POOL = threading.local()  # .threads: what this thread's TVM pool was last set to (TVM's pools are per thread)
 
 _AFFINITY_BIG = 1  # TVM's ThreadGroup::kBig: on a homogeneous CPU, every core
 
 
 def set_runtime_threads(n: int) -> None:
-    """Set TVM's runtime thread pool to ``n`` threads (process-wide; cheap when unchanged).
+    """Set the calling thread's TVM runtime pool to ``n`` threads (cheap when unchanged).
 
     Done explicitly because TVM's default is single-threaded on these machines: without
     ``TVM_NUM_THREADS`` its pool is capped at half the logical cores (it assumes
@@ -39,7 +40,7 @@ def set_runtime_threads(n: int) -> None:
     is undone, or PyTorch and ONNX Runtime threads started later in this process would
     share one core.
     """
-    if _THREADS[0] == n:
+    if getattr(_POOL, "threads", None) == n:
         return
     import tvm  # noqa: F401  (loads the runtime library that registers the function)
     import tvm_ffi
@@ -52,7 +53,7 @@ def set_runtime_threads(n: int) -> None:
     tvm_ffi.get_global_func("runtime.config_threadpool")(_AFFINITY_BIG, int(n))
     if affinity is not None:
         os.sched_setaffinity(0, affinity)
-    _THREADS[0] = n
+    _POOL.threads = n
 
 
 def _flatten(value, out: list) -> list:
@@ -67,6 +68,10 @@ def _flatten(value, out: list) -> list:
 class LocalRunner:
     """Runs a host-architecture library in this process through the Relax VM.
 
+    Safe to call from any number of threads: a Relax ``VirtualMachine`` keeps its registers and
+    frames in the object, so each calling thread gets its own VM over the one loaded library,
+    and all of them read the same weights (converted once, never written).
+
     Args:
         lib_path: the exported ``.so``.
         params: weights appended after the inputs on every call (converted once).
@@ -74,38 +79,57 @@ class LocalRunner:
         entry: the VM function to call.
     """
 
+    #: callers need no lock around run() (runners without it are serialized by CompiledModel)
+    thread_safe = True
+
     def __init__(self, lib_path: str, *, params: Sequence[np.ndarray] = (), num_threads: int = 1,
                  entry: str = "main"):
         import tvm
-        from tvm import relax
 
         self.num_threads = num_threads
         self.entry = entry
         try:
-            self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+            self._lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # TVM surfaces dlopen failures as its own error types
             raise TargetError(f"could not load {lib_path}: {e}") from e
-        self._func = self._vm[entry]
+        self._local = threading.local()
+        self._func_for_thread()  # the creating thread's VM now: a bad library fails here
         self._params = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params]
 
+    def _func_for_thread(self):
+        """This thread's VM function (its VM is created on the thread's first call)."""
+        func = getattr(self._local, "func", None)
+        if func is None:
+            if self._lib is None:
+                raise TargetError("this runner is closed")
+            import tvm
+            from tvm import relax
+
+            vm = relax.VirtualMachine(self._lib, tvm.cpu())
+            self._local.vm, self._local.func = vm, vm[self.entry]
+            func = self._local.func
+        return func
+
     def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """``vm[entry](*inputs, *params)``, outputs flattened to numpy in order."""
+        """``vm[entry](*inputs, *params)``, outputs flattened to numpy (copies) in order."""
         import tvm
 
         set_runtime_threads(self.num_threads)
+        func, params = self._func_for_thread(), self._params
         args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
-        return _flatten(self._func(*args, *self._params), [])
+        return _flatten(func(*args, *params), [])
 
     def bind(self, inputs: Sequence[np.ndarray]):
-        """A zero-argument callable running the model on ``inputs`` staged once (for timing)."""
+        """A zero-argument callable running the model on ``inputs`` staged once (for timing),
+        on the VM of whichever thread calls it."""
         import tvm
 
         args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
-        func, params, threads = self._func, self._params, self.num_threads
+        params, threads = self._params, self.num_threads
 
         def call():
             set_runtime_threads(threads)
-            func(*args, *params)
+            self._func_for_thread()(*args, *params)
         return call
 
     def time_runs(self, inputs: Sequence[np.ndarray], repeat: int, warmup: int) -> List[float]:
@@ -121,7 +145,9 @@ class LocalRunner:
         return times
 
     def close(self) -> None:
-        self._vm = self._func = self._params = None
+        """Drop the library and weights; threads still in a call finish it on their own VM."""
+        self._lib = self._params = None
+        self._local = threading.local()
 
     def __enter__(self) -> "LocalRunner":
         return self

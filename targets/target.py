@@ -27,6 +27,7 @@ import time
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+from graphopt.analysis.signature import structure_signature
 from graphopt.errors import TargetError
 
 from .hostcpu import host_arch, physical_cores
@@ -117,6 +118,12 @@ class Target:
         return self.triple.split("-", 1)[0]
 
     @property
+    def activation_dtype(self) -> str:
+        """int8 activations on AArch64 (``sdot``/``smull`` multiply int8 by int8), uint8 on x86
+        (VNNI's ``vpdpbusd`` multiplies uint8 by int8)."""
+        return "int8" if self.arch == "aarch64" else "uint8"
+
+    @property
     def mcpu(self) -> Optional[str]:
         return self.tvm_target.get("mcpu")
 
@@ -203,6 +210,12 @@ class Target:
                 raise TargetError(f"target {self.name!r} needs {tool}, which is not installed. "
                                   f"Install it with: apt-get install {package}")
 
+    def check(self) -> None:
+        """Before any work: the tools this target needs are installed and LLVM knows its CPU
+        (the target protocol's ``check``; ``optimize`` calls it before capturing the model)."""
+        self.check_toolchain()
+        self.tvm  # noqa: B018  (raises for an mcpu LLVM does not know)
+
     def describe(self) -> str:
         """One line for listings: what it is and where it runs."""
         where = ("rpc " + self.rpc if self.rpc else f"tracker {self.tracker} key {self.key}"
@@ -273,28 +286,38 @@ class Target:
         return self.build(lowered, prepared, database, tuning=info, log=logger)
 
     def measure_latency(self, gm, example_inputs: Sequence, *, repeat: Optional[int] = None,
-                        budget_s: float = 2.0) -> float:
-        """Median milliseconds of an untuned build of ``gm``; NaN on an emulated target.
+                        budget_s: float = 2.0, tune_trials: Optional[int] = None) -> float:
+        """Median milliseconds of ``gm`` (see :meth:`benchmark_graph`); NaN on an emulated target."""
+        result = self.benchmark_graph(gm, example_inputs, repeat=repeat, budget_s=budget_s,
+                                      tune_trials=tune_trials)
+        return float("nan") if result is None else result.median_ms
 
-        Builds are cached by graph code, weights and input shapes, so timing the same graph
-        again (a pass that changed nothing) costs only the runs. Without ``repeat``, the
-        number of runs (3 to 20) fits in about ``budget_s``: untuned builds of ImageNet-size
-        models take seconds per run.
+    def benchmark_graph(self, gm, example_inputs: Sequence, *, repeat: Optional[int] = None,
+                        budget_s: float = 2.0, tune_trials: Optional[int] = None):
+        """Latency statistics (a BenchmarkResult) of a build of ``gm``; None on an emulated target.
+
+        ``tune_trials`` as in :meth:`compile`: None or 0 times the untuned build, more tunes
+        through the shared cache first (layers tuned before are not tuned again), so a report
+        can time every pass with the schedules the final artifact gets. Builds are cached by
+        :func:`~graphopt.analysis.signature.structure_signature` (code, shapes, dtypes, zeros,
+        not weight values): timing a graph whose structure a pass left alone costs only the
+        runs. Without ``repeat``, the number of runs (3 to 20) fits in about ``budget_s``.
         """
         if self.emulated:
             _warn_once(f"{self.name}: latency is not measured under qemu emulation (NaN)")
-            return float("nan")
-        key = _graph_key(self, gm, example_inputs)
+            return None
+        key = structure_signature(gm, example_inputs,
+                                  json.dumps([self.to_dict(), tune_trials or 0], sort_keys=True, default=str))
         compiled = _LATENCY_BUILDS.get(key)
         if compiled is None:
-            compiled = self.compile(gm, example_inputs, tune_trials=0)
+            compiled = self.compile(gm, example_inputs, tune_trials=tune_trials or 0)
             if len(_LATENCY_BUILDS) >= _LATENCY_CACHE_SIZE:
                 _LATENCY_BUILDS.pop(next(iter(_LATENCY_BUILDS))).close()
             _LATENCY_BUILDS[key] = compiled
         if repeat is None:
             first = compiled.benchmark(repeat=1, warmup=1).median_ms
             repeat = max(3, min(20, int(budget_s * 1e3 / max(first, 1e-3))))
-        return compiled.benchmark(repeat=repeat, warmup=1).median_ms
+        return compiled.benchmark(repeat=repeat, warmup=1)
 
 
 _LATENCY_CACHE_SIZE = 8
@@ -306,27 +329,3 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _graph_key(target: Target, gm, example_inputs: Sequence) -> str:
-    """sha256 over the target, the graph's code, every weight and the input specs."""
-    import torch
-
-    h = hashlib.sha256()
-    h.update(json.dumps(target.to_dict(), sort_keys=True, default=str).encode())
-    h.update(gm.code.encode())
-    tensors = dict(gm.state_dict(keep_vars=False))
-    for node in gm.graph.nodes:  # tensors a pass attached as plain attributes
-        if node.op == "get_attr" and node.target not in tensors:
-            value = gm
-            for part in node.target.split("."):
-                value = getattr(value, part, None)
-            if hasattr(value, "shape") and hasattr(value, "dtype"):
-                tensors[node.target] = value
-    for name, t in sorted(tensors.items()):
-        h.update(name.encode())
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for x in example_inputs:
-        h.update(str((tuple(x.shape), x.dtype)).encode())
-    return h.hexdigest()

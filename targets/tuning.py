@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from graphopt.context import no_progress
 from graphopt.errors import TargetError
 
 __all__ = ["TuningInfo", "allocate_capped", "allocate_trials", "tune", "tuning_tasks"]
@@ -337,7 +338,7 @@ def tune(prepared, target, tvm_target, trials: int, *, progress: Optional[Callab
             register_schedule_rules()
             builder, runner = measure_tools(target)
             cost_model = ms.CostModel.create("xgb", num_tuning_cores=max(1, target.runtime_threads))
-            bar_factory = progress or _no_bar
+            bar_factory = progress or no_progress
             with contextlib.ExitStack() as stack:
                 stack.callback(shutdown, runner)
                 stack.callback(shutdown, builder)
@@ -398,9 +399,3 @@ def _seed(tuning_db, cached_db, mod, top_k: int = 32) -> int:
     for r in best:
         tuning_db.commit_tuning_record(TuningRecord(r.trace, workload, r.run_secs, r.target, r.args_info))
     return len(best)
-
-
-def _no_bar(iterable=None, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=True, **kwargs)

@@ -1,9 +1,16 @@
-"""Shared fixtures: the test zoo, a fixed torch thread count, a private graphopt cache."""
+"""Shared fixtures: the test zoo, a fixed torch thread count, a report to look at.
+
+Tests live in folders that mirror the layers: core/ (graphopt without passes' internals or
+TVM), passes/, targets/ (TVM on this host), integration/ (qemu, RPC, datasets, a browser, a
+fresh venv, optional model libraries).
+"""
 import os
 import sys
 
 import pytest
 import torch
+
+import graphopt
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import zoo`
 
@@ -12,11 +19,29 @@ import zoo  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: two OpenMP threads on a shared 2-core machine can
+    be 100x slower than one. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=sorted(zoo.ZOO))
 def zoo_model(request):
     """(name, model, example_inputs) for every zoo architecture."""
     model, inputs = zoo.build(request.param)
     return request.param, model, inputs
+
+
+@pytest.fixture(scope="session")
+def residual_report():
+    """The zoo's residual net through fuse_conv_bn and dce, with accuracy: a report with every field."""
+    model, inputs = zoo.build("residual")
+    return graphopt.optimize(model, ["fuse_conv_bn", "dce"], example_inputs=inputs,
+                             eval_fn=lambda m: float(m(*inputs).argmax() == 3))
 
 
 #: Optional suites against model libraries: they run only when named with `-m`.

@@ -9,9 +9,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
-    """Run ``gm`` once on ``inputs`` and store shapes and dtypes in ``node.meta``."""
+    """Run ``gm`` once on copies of ``inputs`` (a forward may write into them) and store shapes
+    and dtypes in ``node.meta``."""
     with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+        ShapeProp(gm).propagate(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
 
 
 def output_shape(node: fx.Node):

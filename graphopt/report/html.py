@@ -6,13 +6,14 @@ import html
 from typing import Dict, List, Set
 
 from .record import GraphSnapshot, PassRecord, Report
-from .text import _acc, change, human
+from .text import _acc, change, human, latency_change
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:20px}h2{font-size:16px;margin:0}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 th{background:#f0f0f0}.applied{color:#17622b}.rolled-back,.failed{color:#a11}.no-op,.skipped{color:#777}
+.warning{color:#8a4b00;font-weight:bold}
 details{background:#fff;border:1px solid #ddd;border-radius:6px;margin:12px 0;padding:8px 12px}
 summary{cursor:pointer}pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px}
 .add{color:#17622b}.del{color:#a11}.graphs{display:flex;gap:24px;overflow:auto}
@@ -95,10 +96,13 @@ def _pass_section(i: int, r: PassRecord) -> str:
         ("error vs original", "-" if r.rel_error_vs_original is None
          else f"max abs {r.max_abs_error_vs_original:.3g}, relative {r.rel_error_vs_original:.3g}"),
         ("accuracy", _acc(r.accuracy_before, r.accuracy_after)),
-        ("latency", change(r.latency_ms_before, r.latency_ms_after, "ms")),
+        ("latency", latency_change(r.latency_ms_before, r.latency_ms_after, r.latency_spread_ms_before,
+                                   r.latency_spread_ms_after)
+         + ("" if r.latency_spread_ms_after is None else f", noise band {human(r.latency_spread_ms_after, 'ms')}")),
     ]
     rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in metrics)
     msgs = "".join(f"<li>{html.escape(m)}</li>" for m in r.messages)
+    warns = "".join(f'<li class="warning">{html.escape(w)}</li>' for w in r.warnings)
     graphs = "" if r.status == "skipped" else (
         '<div class="graphs">'
         f"<figure><figcaption>before</figcaption>{render_graph(r.graph_before, before_marks, 'before ' + r.name)}</figure>"
@@ -108,6 +112,7 @@ def _pass_section(i: int, r: PassRecord) -> str:
             f'<summary><h2 style="display:inline">[{i}] {html.escape(r.name)} '
             f'<span class="{cls}">{html.escape(r.status)}</span></h2></summary>'
             f"<table>{rows}</table>"
+            + (f'<h3 class="warning">warnings</h3><ul>{warns}</ul>' if warns else "")
             + (f"<h3>messages</h3><ul>{msgs}</ul>" if msgs else "")
             + (f"<h3>code diff</h3>{_diff_html(r.code_diff)}" if r.code_diff else "")
             + '<h3>graph</h3><p class="legend"><span style="background:#c8f0cf">added</span>'
@@ -115,22 +120,28 @@ def _pass_section(i: int, r: PassRecord) -> str:
             + graphs + "</details>")
 
 
+_WARNED = ' <span class="warning" title="see its warnings">(!)</span>'
+
+
 def render_html(report: Report) -> str:
     o, f = report.original, report.final
     summary_rows = "".join(
         f'<tr><td><a href="#pass-{i}">{i}</a></td><td>{html.escape(r.name)}</td>'
-        f'<td class="{r.status.replace(" ", "-")}">{html.escape(r.status)}</td><td>{r.seconds:.2f}s</td>'
+        f'<td class="{r.status.replace(" ", "-")}">{html.escape(r.status)}'
+        f'{_WARNED if r.warnings else ""}</td><td>{r.seconds:.2f}s</td>'
         f"<td>+{len(r.nodes_added)} / -{len(r.nodes_removed)} / ~{len(r.nodes_changed)}</td>"
         f"<td>{change(r.params_before, r.params_after)}</td><td>{change(r.macs_before, r.macs_after)}</td>"
         f"<td>{change(r.bytes_before, r.bytes_after, 'B')}</td>"
         f"<td>{'-' if r.rel_error is None else f'{r.rel_error:.2g}'}</td>"
-        f"<td>{_acc(r.accuracy_before, r.accuracy_after)}</td></tr>"
+        f"<td>{_acc(r.accuracy_before, r.accuracy_after)}</td>"
+        f"<td>{html.escape(latency_change(r.latency_ms_before, r.latency_ms_after, r.latency_spread_ms_before, r.latency_spread_ms_after))}</td></tr>"
         for i, r in enumerate(report.records, 1))
     final = "" if f is None else (
         f"<p>final: {change(o.params, f.params)} params, {change(o.macs, f.macs)} MACs, "
         f"{change(o.bytes, f.bytes, 'B')}" + (f", accuracy {f.accuracy:.4f}" if f.accuracy is not None else "") + "</p>")
     compiled = "" if not report.compile else "<p>compiled: " + html.escape(
         ", ".join(f"{k}={v}" for k, v in report.compile.items() if not isinstance(v, (dict, list)))) + "</p>"
+    schedules = "" if not report.latency_schedules else f"<p>latency: {html.escape(report.latency_schedules)}</p>"
     env = ", ".join(f"{k} {v}" for k, v in report.environment.items())
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -140,8 +151,8 @@ def render_html(report: Report) -> str:
         f"<p>original: {human(o.params)} params, {human(o.macs)} MACs, {human(o.bytes, 'B')}"
         + (f", accuracy {o.accuracy:.4f}" if o.accuracy is not None else "") + "</p>"
         "<table id='summary'><tr><th>#</th><th>pass</th><th>status</th><th>time</th><th>nodes +/-/~</th>"
-        "<th>params</th><th>MACs</th><th>size</th><th>rel err</th><th>accuracy</th></tr>"
-        f"{summary_rows}</table>{final}{compiled}"
+        "<th>params</th><th>MACs</th><th>size</th><th>rel err</th><th>accuracy</th><th>latency</th></tr>"
+        f"{summary_rows}</table>{schedules}{final}{compiled}"
         + "".join(_pass_section(i, r) for i, r in enumerate(report.records, 1))
         + f"<footer><p style='color:#888'>{html.escape(env)}</p></footer></body></html>"
     )

@@ -8,6 +8,7 @@ import torch.fx as fx
 from ..analysis.diff import code_diff
 from ..analysis.graphview import node_label
 from ..analysis.metrics import count_macs, count_params, model_bytes
+from ..analysis.signature import structure_signature
 from ..analysis.shapes import output_shape
 from ..manager import PassInstrument, PassResult
 from .record import GraphSnapshot, ModelSummary, PassRecord, Report, environment
@@ -29,8 +30,11 @@ class ReportInstrument(PassInstrument):
     Args:
         model_name: shown at the top of the report.
         target_name: the target, if any.
-        latency_fn: ``latency_fn(gm) -> ms``; when given, latency is measured before and after
-            each applied pass (memoized per graph).
+        latency_fn: ``latency_fn(gm)`` -> milliseconds, or an object with ``median_ms`` and
+            ``spread_ms`` (the noise band); when given, latency is measured before and after
+            each applied pass. A graph with the structure of one timed before (same code,
+            shapes, dtypes and zeros: ``distill``'s output) gets that timing, not a new one, so
+            a pass that changes no structure shows no change, rather than the machine's noise.
     """
 
     def __init__(self, model_name: str, target_name: Optional[str] = None,
@@ -38,26 +42,40 @@ class ReportInstrument(PassInstrument):
         self.model_name = model_name
         self.target_name = target_name
         self.latency_fn = latency_fn
+        self.latency_schedules: Optional[str] = None  # said in the report next to the timings
         self.report: Optional[Report] = None
         self._memo: Dict[int, dict] = {}
+        self._timings: Dict[str, tuple] = {}  # structure signature -> (median ms, spread ms)
 
     def _facts(self, gm: fx.GraphModule, want_latency: bool = True) -> dict:
         key = id(gm)
         if key not in self._memo:
             self._memo[key] = {"gm": gm, "params": count_params(gm), "macs": count_macs(gm),
-                               "bytes": model_bytes(gm), "snapshot": snapshot(gm), "latency": None}
+                               "bytes": model_bytes(gm), "snapshot": snapshot(gm), "latency": None,
+                               "spread": None}
         facts = self._memo[key]
         if want_latency and self.latency_fn is not None and facts["latency"] is None:
-            facts["latency"] = self.latency_fn(gm)
+            facts["latency"], facts["spread"] = self._time(gm)
         return facts
+
+    def _time(self, gm: fx.GraphModule) -> tuple:
+        signature = structure_signature(gm)
+        if signature not in self._timings:
+            timing = self.latency_fn(gm)
+            median = getattr(timing, "median_ms", timing)
+            spread = getattr(timing, "spread_ms", None)
+            self._timings[signature] = (None if median is None else float(median),
+                                        None if spread is None or spread != spread else float(spread))
+        return self._timings[signature]
 
     def enter_pipeline(self, gm, ctx):
         f = self._facts(gm)
         self.report = Report(
             model=self.model_name, target=self.target_name,
             original=ModelSummary(f["params"], f["macs"], f["bytes"], len(gm.graph.nodes),
-                                  latency_ms=f["latency"]),
+                                  latency_ms=f["latency"], latency_spread_ms=f["spread"]),
             environment=environment(),
+            latency_schedules=self.latency_schedules if self.latency_fn is not None else None,
         )
 
     def run_after_pass(self, result: PassResult, ctx):
@@ -89,7 +107,10 @@ class ReportInstrument(PassInstrument):
             accuracy_after=result.accuracy_after,
             latency_ms_before=b["latency"],
             latency_ms_after=a["latency"],
+            latency_spread_ms_before=b["spread"],
+            latency_spread_ms_after=a["spread"],
             messages=list(result.messages),
+            warnings=list(result.warnings),
             code_diff=code_diff(result.before, shown, result.step.spec.name),
             graph_before=b["snapshot"],
             graph_after=a["snapshot"],
@@ -101,4 +122,5 @@ class ReportInstrument(PassInstrument):
         self.report.original.accuracy = (self.report.records[0].accuracy_before
                                          if self.report.records else last_acc)
         self.report.final = ModelSummary(f["params"], f["macs"], f["bytes"], len(gm.graph.nodes),
-                                         accuracy=last_acc, latency_ms=f["latency"])
+                                         accuracy=last_acc, latency_ms=f["latency"],
+                                         latency_spread_ms=f["spread"])

@@ -7,7 +7,7 @@ import math
 import platform
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.2"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules
 
 
 @dataclasses.dataclass
@@ -25,6 +25,7 @@ class ModelSummary:
     nodes: int
     accuracy: Optional[float] = None
     latency_ms: Optional[float] = None
+    latency_spread_ms: Optional[float] = None  # p90 - p10 of the runs: the machine's noise
 
 
 @dataclasses.dataclass
@@ -59,9 +60,12 @@ class PassRecord:
     latency_ms_before: Optional[float]
     latency_ms_after: Optional[float]
     messages: List[str]
+    warnings: List[str]
     code_diff: str
     graph_before: GraphSnapshot
     graph_after: GraphSnapshot
+    latency_spread_ms_before: Optional[float] = None  # p90 - p10 of the runs (noise band)
+    latency_spread_ms_after: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -74,6 +78,7 @@ class Report:
     records: List[PassRecord] = dataclasses.field(default_factory=list)
     final: Optional[ModelSummary] = None
     compile: Optional[Dict[str, Any]] = None  # filled by the target: tuning trials, cache hits...
+    latency_schedules: Optional[str] = None  # which schedules every latency was timed with
     environment: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> PassRecord:

@@ -25,6 +25,17 @@ def change(before: Optional[float], after: Optional[float], unit: str = "") -> s
     return f"{human(after, unit)}{pct}"
 
 
+def latency_change(before: Optional[float], after: Optional[float], spread_before: Optional[float] = None,
+                   spread_after: Optional[float] = None) -> str:
+    """Like :func:`change`, but a difference inside the noise band (p90 - p10) is said to be noise."""
+    if before is None or after is None:
+        return "-"
+    noise = max(spread_before or 0.0, spread_after or 0.0)
+    if before != after and noise > 0 and abs(after - before) <= noise:
+        return f"{human(after, 'ms')} (within noise)"
+    return change(before, after, "ms")
+
+
 def _acc(before: Optional[float], after: Optional[float]) -> str:
     if after is None:
         return "-"
@@ -48,17 +59,21 @@ def render_text(report: Report, diffs: bool = False) -> str:
              "rel err", "accuracy", "latency"]]
     for i, r in enumerate(report.records, 1):
         rows.append([
-            str(i), r.name, r.status, f"{r.seconds:.2f}s",
+            str(i), r.name, r.status + (" (!)" if r.warnings else ""), f"{r.seconds:.2f}s",
             f"+{len(r.nodes_added)}/-{len(r.nodes_removed)}/~{len(r.nodes_changed)}",
             change(r.params_before, r.params_after), change(r.macs_before, r.macs_after),
             change(r.bytes_before, r.bytes_after, "B"),
             f"{r.rel_error:.2g}" if r.rel_error is not None else "-",
             _acc(r.accuracy_before, r.accuracy_after),
-            change(r.latency_ms_before, r.latency_ms_after, "ms") if r.latency_ms_after else "-",
+            latency_change(r.latency_ms_before, r.latency_ms_after, r.latency_spread_ms_before,
+                           r.latency_spread_ms_after) if r.latency_ms_after else "-",
         ])
     lines = [head, ""] + _table(rows)
+    if report.latency_schedules:
+        lines.append(f"latency: {report.latency_schedules}")
     for i, r in enumerate(report.records, 1):
-        notes = ([f"rolled back: {r.reason}"] if r.status in ("rolled back", "failed") else []) + r.messages
+        notes = ([f"rolled back: {r.reason}"] if r.status in ("rolled back", "failed") else []) \
+            + [f"WARNING: {w}" for w in r.warnings] + r.messages
         if r.status == "skipped":
             notes = [r.reason]
         if notes or (diffs and r.code_diff):

@@ -1,10 +1,12 @@
-"""Building blocks of the ``quantize`` pass: custom ops, observers, quantized modules, graph rewrite.
+"""Building blocks of the ``quantize`` pass: observers, quantized modules, graph rewrite.
 
-Importing this package registers ``torch.ops.graphopt.q8_*`` (so a quantized GraphModule runs in a
-fresh process) and, when graphopt's targets are installed, their Relax translations.
+The int8 ops themselves (``torch.ops.graphopt.q8_*``, their reference kernels and names) are the
+core's contract, :mod:`graphopt.ops.int8`, imported (so registered) here: a quantized GraphModule
+runs in a fresh process after importing this package. Their lowering lives in the targets
+(:mod:`graphopt.targets.int8`): this package imports neither TVM nor ``graphopt.targets``.
 """
-from . import ops  # noqa: F401  (registers the custom ops)
-from . import relax_lowering  # noqa: F401  (registers their Relax translations; TVM is imported lazily)
+from graphopt.ops import int8 as _int8  # noqa: F401  (registers torch.ops.graphopt.q8_*)
+
 from .modules import QuantizedConv, QuantizedLinear
 from .observers import OBSERVERS, CalibrationError, QParams, make_observer
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 import graphopt
+from graphopt.ops import int8  # registers torch.ops.graphopt.q8_*
 
-from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from .observers import QParams, quantize_weight
 
 __all__ = ["QuantizedConv", "QuantizedLinear", "output_spec"]
@@ -95,7 +95,7 @@ class _QuantizedLayer(nn.Module):
 
 
 class QuantizedConv(_QuantizedLayer):
-    """A Conv1d/Conv2d on uint8/int8 activations with int8 weights (see ``ops.q8_conv``)."""
+    """A Conv1d/Conv2d on uint8/int8 activations with int8 weights (see :mod:`graphopt.ops.int8`)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
                  groups: int, x: QParams, out: Optional[QParams], act: Optional[str] = None,
@@ -103,7 +103,7 @@ class QuantizedConv(_QuantizedLayer):
         super().__init__()
         if weight.dim() not in (3, 4):
             raise ValueError(f"QuantizedConv handles conv1d and conv2d, not a weight of shape {tuple(weight.shape)}")
-        self.stride, self.padding, self.dilation = ops.conv_params(stride, padding, dilation)
+        self.stride, self.padding, self.dilation = int8.conv_params(stride, padding, dilation)
         self.groups = int(groups)
         self.in_channels = weight.shape[1] * self.groups
         self.out_channels = weight.shape[0]
@@ -127,7 +127,7 @@ class QuantizedConv(_QuantizedLayer):
 
 
 class QuantizedLinear(_QuantizedLayer):
-    """A Linear on uint8/int8 activations with int8 weights (see ``ops.q8_linear``)."""
+    """A Linear on uint8/int8 activations with int8 weights (see :mod:`graphopt.ops.int8`)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], x: QParams,
                  out: Optional[QParams], act: Optional[str] = None, per_channel: bool = True):

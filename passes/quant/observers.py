@@ -32,8 +32,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-
-from .ops import qrange
+from graphopt.ops.int8 import qrange
 
 __all__ = ["CalibrationError", "HistogramObserver", "MSEObserver", "MinMaxObserver",
            "MovingAverageObserver", "OBSERVERS", "Observer", "PercentileObserver", "QParams",

@@ -1,0 +1,196 @@
+"""What graphopt asks of a target: ``compile``, and a few optional capabilities passes adapt to.
+
+A target is any object with a ``compile`` method (the built-in :class:`graphopt.Target` is one;
+a third party's may be anything). Passes never read a target's attributes directly: they ask
+:func:`capabilities_of`, which returns every capability below, taken from the target when it
+provides it, else the documented default, with one log line naming what was defaulted, so a
+target that leaves a capability out is never given a silent wrong choice.
+
+=========================== =========== ======================================================
+capability                  default     used by
+=========================== =========== ======================================================
+``name`` (str)              class name  reports, log lines
+``activation_dtype``        ``"uint8"`` ``quantize`` (``auto``): the dtype the target's int8
+(``"uint8"`` / ``"int8"``)              kernels take activations in (x86 VNNI multiplies
+                                        uint8 by int8, ARM ``sdot`` int8 by int8)
+``preferred_channel_multiple`` ``8``    ``prune_channels``: channel counts are rounded to it
+(int >= 1)                              (the fp32 vector width; 8 is what pruning uses
+                                        without a target: AVX2's lanes, two NEON registers)
+``measure_latency(gm,       absent      per-pass latency in reports, ``separable_conv``'s
+example_inputs) -> ms``                 per-layer timing; absent: nothing is timed
+``benchmark_graph(gm,       absent      the report's noise bands and tuned timing: statistics
+example_inputs,                         with ``median_ms``, ``p10_ms``, ``p90_ms`` of a build
+tune_trials=) -> stats``                tuned with ``tune_trials`` (the artifact's schedules);
+                                        absent: ``measure_latency``, untuned, no noise band
+``emulated`` (bool)         ``False``   timings under emulation mean nothing: not taken
+``check()``                 absent      ``optimize`` calls it before any work: a target that
+                                        cannot compile here (a missing toolchain, an unknown
+                                        CPU) raises then, not after the passes
+=========================== =========== ======================================================
+
+Example:
+    >>> class Minimal:
+    ...     def compile(self, gm, example_inputs, **kwargs):
+    ...         return gm
+    >>> caps = capabilities_of(Minimal())
+    >>> caps.name, caps.activation_dtype, caps.preferred_channel_multiple, caps.can_measure_latency
+    ('Minimal', 'uint8', 8, False)
+    >>> sorted(caps.defaulted)
+    ['activation_dtype', 'emulated', 'measure_latency', 'name', 'preferred_channel_multiple']
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import weakref
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+from .errors import InvalidArgumentError
+
+__all__ = ["ACTIVATION_DTYPES", "DEFAULTS", "Latency", "TargetCapabilities", "TargetProtocol",
+           "capabilities_of", "check_target"]
+
+log = logging.getLogger("graphopt")
+
+ACTIVATION_DTYPES = ("uint8", "int8")
+
+#: The documented default of every optional capability (``measure_latency``: absent).
+DEFAULTS: Dict[str, Any] = {
+    "activation_dtype": "uint8",
+    "preferred_channel_multiple": 8,
+    "emulated": False,
+    "measure_latency": None,
+}
+
+
+@runtime_checkable
+class TargetProtocol(Protocol):
+    """The one method every target has; the optional capabilities are in the module docstring."""
+
+    def compile(self, gm, example_inputs: Sequence, *, tune_trials: Optional[int] = None,
+                progress: Optional[Callable] = None, log: Optional[logging.Logger] = None) -> Any:
+        """Lower, tune and build ``gm`` for ``example_inputs``' shapes; returns a callable model."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """One timing of a graph: the median, the noise band (p90 - p10, NaN when the target gives
+    none) and whether it was timed with tuned schedules."""
+
+    median_ms: float
+    spread_ms: float = math.nan
+    tuned: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetCapabilities:
+    """A target's capabilities, each from the target or its documented default.
+
+    Attributes:
+        target: the target object itself.
+        name: its name.
+        activation_dtype: ``"uint8"`` or ``"int8"``.
+        preferred_channel_multiple: the channel multiple it runs fastest at (>= 1).
+        emulated: True when timings on it mean nothing (qemu).
+        defaulted: the capabilities the target did not provide.
+    """
+
+    target: Any
+    name: str
+    activation_dtype: str
+    preferred_channel_multiple: int
+    emulated: bool
+    defaulted: Tuple[str, ...]
+
+    @property
+    def can_measure_latency(self) -> bool:
+        """The target can time a graph on the real device (not emulated)."""
+        return callable(getattr(self.target, "measure_latency", None)) and not self.emulated
+
+    def measure_latency(self, gm, example_inputs: Sequence) -> float:
+        """Milliseconds of ``gm`` on the target; NaN when it cannot time (see ``can_measure_latency``)."""
+        if not self.can_measure_latency:
+            return math.nan
+        return float(self.target.measure_latency(gm, example_inputs))
+
+    def time(self, gm, example_inputs: Sequence, tune_trials: Optional[int] = None) -> Optional[Latency]:
+        """A :class:`Latency` of ``gm`` with the schedules ``tune_trials`` gives (as the final
+        compile would); None when the target cannot time. A target without ``benchmark_graph``
+        is timed untuned, without a noise band."""
+        if not self.can_measure_latency:
+            return None
+        bench = getattr(self.target, "benchmark_graph", None)
+        if not callable(bench):
+            return Latency(float(self.target.measure_latency(gm, example_inputs)))
+        stats = bench(gm, example_inputs, tune_trials=tune_trials)
+        if stats is None:
+            return None
+        return Latency(float(stats.median_ms), float(stats.p90_ms - stats.p10_ms), bool(tune_trials))
+
+
+def check_target(target: Any) -> Any:
+    """``target`` itself when it is a usable target object, else a TypeError saying what to pass."""
+    if isinstance(target, type):
+        raise InvalidArgumentError(
+            f"target is the class {target.__name__}, not a target: pass a registered name such as "
+            f"target='x86', or an instance (e.g. graphopt.Target(name=..., tvm_target={{...}}))")
+    if not isinstance(target, TargetProtocol) or not callable(getattr(target, "compile", None)):
+        raise InvalidArgumentError(f"target must be a registered name or an object with a compile() method, "
+                        f"not {type(target).__name__}")
+    return target
+
+
+_RESOLVED: "weakref.WeakKeyDictionary[Any, TargetCapabilities]" = weakref.WeakKeyDictionary()
+_BY_ID: Dict[int, TargetCapabilities] = {}
+
+
+def capabilities_of(target: Any) -> TargetCapabilities:
+    """Resolve ``target``'s capabilities once (logging each default it falls back to).
+
+    Raises:
+        InvalidArgumentError: ``target`` is not a target, or a capability it provides has a value
+            graphopt cannot use.
+    """
+    try:
+        cached = _RESOLVED.get(target)
+    except TypeError:  # not weak-referenceable or unhashable
+        cached = _BY_ID.get(id(target))
+    if cached is not None and cached.target is target:
+        return cached
+    check_target(target)
+    defaulted = []
+
+    def get(attr: str):
+        if hasattr(target, attr):
+            return getattr(target, attr)
+        defaulted.append(attr)
+        return DEFAULTS.get(attr)
+
+    name = getattr(target, "name", None)
+    if not isinstance(name, str) or not name:
+        defaulted.append("name")
+        name = type(target).__name__
+    dtype = get("activation_dtype")
+    if dtype not in ACTIVATION_DTYPES:
+        raise InvalidArgumentError(f"target {name!r}: activation_dtype must be one of {ACTIVATION_DTYPES}, got {dtype!r}")
+    multiple = get("preferred_channel_multiple")
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise InvalidArgumentError(f"target {name!r}: preferred_channel_multiple must be an int >= 1, got {multiple!r}")
+    emulated = bool(get("emulated"))
+    if not callable(getattr(target, "measure_latency", None)):
+        defaulted.append("measure_latency")
+    caps = TargetCapabilities(target=target, name=name, activation_dtype=dtype,
+                              preferred_channel_multiple=multiple, emulated=emulated,
+                              defaulted=tuple(defaulted))
+    if defaulted:
+        log.info("target %r (%s) does not provide %s: using the documented defaults (%s)", name,
+                 type(target).__name__, ", ".join(defaulted),
+                 ", ".join(f"{a}={DEFAULTS.get(a, type(target).__name__)!r}" if a != "measure_latency"
+                           else "no latency measurement" for a in defaulted))
+    try:
+        _RESOLVED[target] = caps
+    except TypeError:
+        _BY_ID[id(target)] = caps
+    return caps

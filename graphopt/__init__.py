@@ -7,6 +7,7 @@ Example:
     >>> opt.report["fuse_conv_bn"].nodes_removed
     ['_1']
 """
+from . import sparsity
 from .analysis.channels import ChannelAnalysis, ChannelGroup, analyze_channels, register_channel_rule
 from .analysis.graphview import to_networkx
 from .analysis.metrics import count_macs, count_params, model_bytes, node_macs, register_macs
@@ -23,7 +24,7 @@ from .errors import (
 )
 from .layer_registry import register_layer
 from .manager import PassInstrument, PassManager, PassResult
-from .pass_registry import Option, PassSpec, get_pass, list_passes, register_pass
+from .pass_registry import Option, PassSpec, check_module_names, get_pass, list_passes, register_pass
 from .report.record import PassRecord, Report
 from .registry import exported
 from .target_protocol import TargetCapabilities, TargetProtocol, capabilities_of

@@ -155,6 +155,8 @@ def optimize(
     manager.instruments += [reporter, ProgressInstrument(len(manager.steps), bar)]
     manager.check_needs(ctx)
     gm = capture(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if callable(getattr(tgt, "check_graph", None)):
+        tgt.check_graph(gm, example)  # an op it cannot lower or a non-tensor output: now, not after the passes
     caps = ctx.capabilities
     if caps is not None and (measure_latency or measure_latency is None):
         if caps.can_measure_latency:

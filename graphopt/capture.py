@@ -62,7 +62,8 @@ def _user_frame(tb) -> Optional[traceback.FrameSummary]:
 def _explain(e: Exception) -> str:
     text = str(e)
     if "control flow" in text or "bool" in text.lower():
-        return "data-dependent control flow (an `if`/`while` on a tensor value) cannot be traced"
+        return ("data-dependent control flow (an `if`/`while`, or a comparison such as `max`/`min`, "
+                "on a traced tensor value or size) cannot be traced")
     if "iterate" in text or "len(" in text:
         return "iterating over or taking len() of a traced tensor cannot be traced"
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

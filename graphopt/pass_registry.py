@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import PassOptionError, RegistrationError
+from .errors import PassOptionError, RegistrationError, did_you_mean
 from .registry import Registry, origin_of
 
 #: What a pass may declare in ``needs``; each maps to a PassContext attribute.
@@ -76,6 +76,30 @@ def _coerce(value: Any, typ, where: str) -> Any:
         return tuple(value)
     names = " or ".join(t.__name__ for t in types)
     raise PassOptionError(f"{where} must be {names}, got {type(value).__name__} {value!r}")
+
+
+def check_module_names(model, names: Sequence[str], where: str, layers: Tuple[type, ...] = ()) -> None:
+    """For a pass's ``validate``: every name in ``names`` is a submodule of ``model``.
+
+    Raises:
+        PassOptionError: naming the first unknown name, the closest match, and the model's
+            modules of the types ``layers`` (what the option usually names).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.ModuleDict({"fc": torch.nn.Linear(2, 2), "act": torch.nn.ReLU()})
+        >>> check_module_names(model, ["fcc"], "my_pass: ignore", (torch.nn.Linear,))
+        Traceback (most recent call last):
+        ...
+        graphopt.errors.PassOptionError: my_pass: ignore names 'fcc', which is not a module of this model. Did you mean 'fc'? Its layers: fc
+    """
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            known = [k for k, v in modules.items() if isinstance(v, layers)] if layers else [k for k in modules if k]
+            raise PassOptionError(
+                f"{where} names {name!r}, which is not a module of this model.{did_you_mean(name, modules)} "
+                f"Its layers: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
 
 
 def _as_option(spec: Any) -> Option:

@@ -16,6 +16,10 @@ capability                  default     used by
 ``preferred_channel_multiple`` ``8``    ``prune_channels``: channel counts are rounded to it
 (int >= 1)                              (the fp32 vector width; 8 is what pruning uses
                                         without a target: AVX2's lanes, two NEON registers)
+``sparse_block`` (int >= 1) ``1``       ``prune_weights``: the default block, ``(k, 1)``: the
+                                        output channels the target's sparse kernels take
+                                        together (1: unstructured; graphopt has no sparse
+                                        kernel yet, so no built-in target asks for more)
 ``measure_latency(gm,       absent      per-pass latency in reports, ``separable_conv``'s
 example_inputs) -> ms``                 per-layer timing; absent: nothing is timed
 ``benchmark_graph(gm,       absent      the report's noise bands and tuned timing: statistics
@@ -26,6 +30,10 @@ tune_trials=) -> stats``                tuned with ``tune_trials`` (the artifact
 ``check()``                 absent      ``optimize`` calls it before any work: a target that
                                         cannot compile here (a missing toolchain, an unknown
                                         CPU) raises then, not after the passes
+``check_graph(gm,           absent      ``optimize`` calls it right after capture, before the
+example_inputs)``                       passes: a graph the target cannot compile (an op it
+                                        has no translation for, an output that is not a
+                                        tensor) raises then, not after the passes
 =========================== =========== ======================================================
 
 Example:
@@ -33,10 +41,10 @@ Example:
     ...     def compile(self, gm, example_inputs, **kwargs):
     ...         return gm
     >>> caps = capabilities_of(Minimal())
-    >>> caps.name, caps.activation_dtype, caps.preferred_channel_multiple, caps.can_measure_latency
-    ('Minimal', 'uint8', 8, False)
+    >>> caps.name, caps.activation_dtype, caps.preferred_channel_multiple, caps.sparse_block, caps.can_measure_latency
+    ('Minimal', 'uint8', 8, 1, False)
     >>> sorted(caps.defaulted)
-    ['activation_dtype', 'emulated', 'measure_latency', 'name', 'preferred_channel_multiple']
+    ['activation_dtype', 'emulated', 'measure_latency', 'name', 'preferred_channel_multiple', 'sparse_block']
 """
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ ACTIVATION_DTYPES = ("uint8", "int8")
 DEFAULTS: Dict[str, Any] = {
     "activation_dtype": "uint8",
     "preferred_channel_multiple": 8,
+    "sparse_block": 1,
     "emulated": False,
     "measure_latency": None,
 }
@@ -93,6 +102,7 @@ class TargetCapabilities:
         name: its name.
         activation_dtype: ``"uint8"`` or ``"int8"``.
         preferred_channel_multiple: the channel multiple it runs fastest at (>= 1).
+        sparse_block: the output channels its sparse kernels take together (>= 1; 1: unstructured).
         emulated: True when timings on it mean nothing (qemu).
         defaulted: the capabilities the target did not provide.
     """
@@ -101,6 +111,7 @@ class TargetCapabilities:
     name: str
     activation_dtype: str
     preferred_channel_multiple: int
+    sparse_block: int
     emulated: bool
     defaulted: Tuple[str, ...]
 
@@ -178,11 +189,14 @@ def capabilities_of(target: Any) -> TargetCapabilities:
     multiple = get("preferred_channel_multiple")
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
         raise InvalidArgumentError(f"target {name!r}: preferred_channel_multiple must be an int >= 1, got {multiple!r}")
+    block = get("sparse_block")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise InvalidArgumentError(f"target {name!r}: sparse_block must be an int >= 1, got {block!r}")
     emulated = bool(get("emulated"))
     if not callable(getattr(target, "measure_latency", None)):
         defaulted.append("measure_latency")
     caps = TargetCapabilities(target=target, name=name, activation_dtype=dtype,
-                              preferred_channel_multiple=multiple, emulated=emulated,
+                              preferred_channel_multiple=multiple, sparse_block=block, emulated=emulated,
                               defaulted=tuple(defaulted))
     if defaulted:
         log.info("target %r (%s) does not provide %s: using the documented defaults (%s)", name,

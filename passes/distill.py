@@ -19,6 +19,9 @@ barely moved it (eval-mode statistics drifted from what was trained). The module
 eval mode at the end, and the run is deterministic for a given ``ctx.seed`` (the global RNG
 state is restored afterwards).
 
+Masks: layers that carry a weight mask (:mod:`graphopt.sparsity`, written by ``prune_weights``)
+keep their pruned weights at exactly zero: the masks are re-applied after every optimizer step.
+
 Example:
     >>> import torch, graphopt
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 36, 4))
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import Option
 from graphopt.numerics import flat_outputs
+from graphopt.sparsity import apply_masks, masked_layers
 
 LOSSES = ("auto", "kl", "mse")
 BN_MODES = ("frozen", "train")
@@ -118,7 +122,7 @@ def _set_bn_eval(module: nn.Module) -> None:
                      help="frozen: BatchNorm stays in eval mode (statistics kept); train: batch statistics"),
         "train_data": Option(None, None, help="iterable of input batches (default: calibration_data)"),
     },
-    runs_after=("prune_channels", "separable_conv"),
+    runs_after=("prune_channels", "prune_weights", "separable_conv"),
     runs_before=("quantize",),
     validate=validate_options,
 )
@@ -135,6 +139,7 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
     if not params:
         ctx.note("no trainable parameters (every requires_grad is False): nothing to distill")
         return gm
+    masked = len(masked_layers(gm))
     in_memory = isinstance(source, (list, tuple))
     n_batches = len(source) if hasattr(source, "__len__") else None
     with torch.random.fork_rng(devices=[]):
@@ -179,6 +184,8 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
                         opt.zero_grad(set_to_none=True)
                         value.backward()
                         opt.step()
+                        if masked:
+                            apply_masks(gm)  # pruned weights stay zero (graphopt.sparsity)
                         if sched is not None:
                             sched.step()
                         running += float(value.detach())
@@ -197,4 +204,6 @@ def distill(gm: fx.GraphModule, ctx: graphopt.PassContext, epochs, lr, temperatu
     ctx.note(f"distilled from {who}: {epochs} epoch(s) x {count} batches, loss {loss} "
              f"(T={temperature:g}), lr {lr:g}, BatchNorm {'frozen' if frozen_bn else 'in train mode'}; "
              f"mean loss per epoch: {', '.join(f'{v:.4g}' for v in epoch_losses)}")
+    if masked:
+        ctx.note(f"{masked} masked layer(s) kept their pruned weights at zero (masks re-applied after every step)")
     return gm

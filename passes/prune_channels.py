@@ -50,7 +50,6 @@ import graphopt
 from graphopt import ChannelAnalysis, ChannelGroup, Option, analyze_channels, node_macs, propagate_shapes
 from graphopt.analysis.channels import cut
 from graphopt.analysis.channels.blockers import blockers
-from graphopt.errors import did_you_mean
 from graphopt.numerics import flat_outputs
 from graphopt.report.text import human
 
@@ -71,14 +70,7 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio=None, 
         raise graphopt.PassOptionError(
             "prune_channels: give ratio (cut that fraction of every group) or target_macs (a MAC "
             f"budget for the whole model), not both (got ratio={ratio}, target_macs={target_macs})")
-    modules = dict(gm.named_modules())
-    for name in ignore:
-        if name not in modules:
-            layers = [k for k, v in modules.items() if isinstance(v, _PRUNABLE_LAYERS)]
-            raise graphopt.PassOptionError(
-                f"prune_channels: ignore names {name!r}, which is not a module of this model."
-                + did_you_mean(name, modules)
-                + f" Its conv/linear layers: {', '.join(layers[:20])}{' ...' if len(layers) > 20 else ''}")
+    graphopt.check_module_names(gm, ignore, "prune_channels: ignore", _PRUNABLE_LAYERS)
     if importance == "taylor" and not ctx.calibration_data:
         raise graphopt.MissingInputError(
             "prune_channels: importance='taylor' needs gradients on real inputs: pass "

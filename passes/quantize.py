@@ -16,7 +16,9 @@ The pass
 
 The result runs in PyTorch with exact integer arithmetic, so its accuracy is the compiled int8
 model's (see docs/quantization.md); the Relax lowering turns each op into int8 x int8 -> int32
-compute. Run ``fuse_conv_bn`` first: a BatchNorm left after a conv stays float.
+compute. Run ``fuse_conv_bn`` first: a BatchNorm left after a conv stays float. A layer pruned
+by ``prune_weights`` keeps its mask (:mod:`graphopt.sparsity`) on its quantized form: symmetric
+weight quantization maps 0 to 0, so its pruned weights stay exactly zero in int8.
 
 Example:
     >>> import torch, graphopt
@@ -40,7 +42,7 @@ import graphopt
 from graphopt import Option
 
 from .quant import graph as qgraph
-from .quant.observers import OBSERVERS, CalibrationError, QParams, make_observer
+from .quant.observers import OBSERVERS, AllZeroError, CalibrationError, QParams, make_observer
 
 __all__ = ["ACTIVATION_DTYPES", "CalibrationError", "quantize"]
 
@@ -97,7 +99,7 @@ def _validate(gm: fx.GraphModule, ctx: graphopt.PassContext, *, skip, max_drop, 
     },
     tolerance=0.5,
     needs=("calibration_data",),
-    runs_after=("fuse_conv_bn", "prune_channels", "separable_conv"),
+    runs_after=("fuse_conv_bn", "prune_channels", "prune_weights", "separable_conv"),
     validate=_validate,
 )
 def quantize(gm: fx.GraphModule, ctx: graphopt.PassContext, *, observer: str, per_channel: bool,
@@ -164,8 +166,9 @@ def calibrate(gm: fx.GraphModule, p: qgraph.Plan, batches, kind: str, ctx: graph
     """Run ``batches`` through ``gm`` with observers on the values ``p`` reads and writes.
 
     Raises:
-        CalibrationError: a value was NaN/Inf, all zero, or the model failed on a batch; the
-            message names the value and says what to do.
+        CalibrationError: a value was NaN/Inf, the data was all zero, or the model failed on a
+            batch; the message names the value and says what to do. Other values that were 0 on
+            every batch are given a unit range (exact for zeros), with a warning.
     """
     values = p.observed_values()
     observed, observers = qgraph.insert_observers(
@@ -179,12 +182,24 @@ def calibrate(gm: fx.GraphModule, p: qgraph.Plan, batches, kind: str, ctx: graph
                 raise
             except Exception as e:  # the user's model may raise anything on a bad batch
                 raise CalibrationError(f"the model failed on calibration batch {i}: {type(e).__name__}: {e}") from e
-    problems = []
-    for obs in observers.values():
+    problems, zeros = [], []
+    for name, obs in observers.items():
         try:
             obs.check()
+        except AllZeroError as e:
+            zeros.append((name, e))
         except CalibrationError as e:
             problems.append(str(e))
+    inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    if zeros and (len(zeros) == len(observers) or any(name in inputs for name, _ in zeros)):
+        problems += [str(e) for _, e in zeros]  # the data itself is zeros: the caller's to fix
+    elif zeros:
+        for name, _ in zeros:  # e.g. a branch whose last BatchNorm scale is 0 (timm's ResNets)
+            observers[name].assume_range(0.0, 1.0)
+        ctx.warn(f"{len(zeros)} value(s) were exactly 0 on every calibration batch "
+                 f"({', '.join(observers[name].where for name, _ in zeros[:3])}{', ...' if len(zeros) > 3 else ''}): "
+                 "quantized over [0, 1], exact for those zeros; if real data makes them nonzero, "
+                 "calibrate with such data or keep the layers in float with skip=[...]")
     if problems:
         raise CalibrationError("cannot quantize: " + " | ".join(problems))
     return observers

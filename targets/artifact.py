@@ -99,7 +99,7 @@ def _to_caller(out: np.ndarray, dtype: str, as_torch: bool):
     import torch
 
     if as_torch:
-        t = torch.from_numpy(np.ascontiguousarray(out))
+        t = torch.from_numpy(np.ascontiguousarray(out).reshape(np.shape(out)))  # 0-d stays 0-d
         return t if str(t.dtype) == f"torch.{dtype}" else t.to(getattr(torch, dtype))
     return out if dtype == "bfloat16" or str(out.dtype) == dtype else out.astype(dtype)
 

@@ -125,7 +125,7 @@ def blocked_layout_pass(lanes: int, uniform: bool = False, narrow_inputs: bool =
             return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o" if depthwise
                                         else f"OIHW{block}i{block}o"]}
 
-        return relax.transform.ConvertLayout({}, layout_cb=layout_cb)(clip_as_min_max()(mod))
+        return relax.transform.ConvertLayout({}, layout_cb=layout_cb)(split_as_slices()(clip_as_min_max()(mod)))
 
     return transform
 
@@ -160,6 +160,47 @@ def clip_as_min_max():
                                 relax.const(high, dtype))
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.ClipAsMinMax")
+    def transform(mod, _ctx):
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = rewrite_call(pattern, rewrite, func)
+        return mod
+
+    return transform
+
+
+def split_as_slices():
+    """Rewrite a channel ``split`` of a 4-d tensor as one ``strided_slice`` per part.
+
+    TVM 0.27's layout inference moves such a split onto the outer channel axis of an
+    NCHW[x]c input but keeps its indices in channels, so the parts come out with wrong shapes
+    (MixNet's mixed convs after a blocked depthwise conv: "Argument 0 type mismatch").
+    ``strided_slice`` falls back to NCHW on blocked inputs, which is correct.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x = wildcard()
+    pattern = is_op("relax.split")(x)
+
+    def rewrite(expr, matches):
+        data = matches[x]
+        shape = [int(d) for d in data.ty.shape] if hasattr(data.ty, "shape") else None
+        axis = int(expr.attrs.axis)
+        if shape is None or len(shape) != 4 or axis % 4 != 1:
+            return expr
+        sections = expr.attrs.indices_or_sections
+        if isinstance(sections, (int, tvm.tirx.IntImm)) or hasattr(sections, "value"):
+            n = int(getattr(sections, "value", sections))
+            step = -(-shape[1] // n)
+            bounds = list(range(0, shape[1], step)) + [shape[1]]
+        else:
+            bounds = [0] + [int(i) for i in sections] + [shape[1]]
+        return relax.Tuple([relax.op.strided_slice(data, axes=[1], begin=[b], end=[e])
+                            for b, e in zip(bounds, bounds[1:])])
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.SplitAsSlices")
     def transform(mod, _ctx):
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):

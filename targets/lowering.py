@@ -37,6 +37,8 @@ import numpy as np
 
 from graphopt.errors import InputShapeError, TargetError
 
+from . import aten  # noqa: F401  (register graphopt's translations of ATen ops)
+from .coverage import check_ops, check_outputs, export
 from .int8 import blocked, relax_lowering  # noqa: F401  (register graphopt's own translations)
 from .translations import LoweringState, add_unique, convert_map, register_translation, translations
 
@@ -146,8 +148,9 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
 
     Raises:
         InputShapeError: an example input is not a tensor.
-        TargetError: torch.export or the Relax frontend cannot handle the graph; the
-            message names unsupported ops and how to add a translation.
+        TargetError: an output is not a tensor, torch.export or the Relax frontend cannot
+            handle the graph (:class:`~graphopt.targets.coverage.UnsupportedOpsError` lists
+            every op without a translation and the nodes using it).
     """
     import torch
     import torch.utils._pytree as pytree
@@ -158,20 +161,17 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         raise InputShapeError("example_inputs must be a non-empty tuple of torch tensors, got "
                               + ", ".join(type(x).__name__ for x in inputs))
-    module = weights_as_parameters(gm).eval()
-    module, inputs, io_dtypes, notes = _in_float32_if_half(module, inputs)
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(module, inputs)
-    except Exception as e:  # torch.export raises many unrelated types
-        raise TargetError(f"torch.export could not export the graph for lowering: {type(e).__name__}: {e}") from e
+    check_outputs(gm, inputs)
+    ep, inputs, io_dtypes, notes = exported(gm, inputs)
+    check_ops(ep)  # every untranslatable op at once, before the frontend stops at the first
     state = LoweringState()  # what graphopt's translations remember during this lowering only
     try:
         with warnings.catch_warnings():
             # torch 2.13 warns about its own pytree internals while the frontend copies the
             # exported program: nothing a user can act on, and once per lowering
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            mod = from_exported_program(ep, keep_params_as_input=True,
+            # export() ran the decomposition already (check_ops needs the decomposed program)
+            mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                         custom_convert_map=convert_map(state) or None)
     except Exception as e:
         msg = str(e)
@@ -210,6 +210,14 @@ def lower(gm, example_inputs: Sequence) -> LoweredModel:
     return LoweredModel(mod=mod, params=params, param_specs=param_specs, inputs=input_specs,
                         outputs=outputs, out_tree=pytree.treespec_dumps(out_spec), io_dtypes=io_dtypes,
                         notes=notes)
+
+
+def exported(gm, inputs: Tuple) -> Tuple[Any, Tuple, Optional[Dict[str, List[str]]], List[str]]:
+    """``(program, inputs, io_dtypes, notes)``: ``gm`` exported as the frontend will translate it
+    (weights as parameters, half precision in float32, the core ATen decomposition run)."""
+    module = weights_as_parameters(gm).eval()
+    module, inputs, io_dtypes, notes = _in_float32_if_half(module, inputs)
+    return export(module, inputs), inputs, io_dtypes, notes
 
 
 #: Float dtypes graphopt's CPU lowering computes in float32 (the frontend and TOPI's CPU

@@ -216,6 +216,13 @@ class Target:
         self.check_toolchain()
         self.tvm  # noqa: B018  (raises for an mcpu LLVM does not know)
 
+    def check_graph(self, gm, example_inputs: Sequence) -> None:
+        """Before the passes: every output is a tensor and every op has a translation (the
+        target protocol's ``check_graph``; see :func:`graphopt.targets.coverage.check_graph`)."""
+        from .coverage import check_graph
+
+        check_graph(gm, tuple(example_inputs))
+
     def describe(self) -> str:
         """One line for listings: what it is and where it runs."""
         where = ("rpc " + self.rpc if self.rpc else f"tracker {self.tracker} key {self.key}"

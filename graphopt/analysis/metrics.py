@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..layer_registry import LAYERS, register_macs
+from ..sparsity import mask_tensors
 from .shapes import output_shape
 
 __all__ = ["count_macs", "count_params", "model_bytes", "node_macs", "register_macs"]
@@ -40,8 +41,10 @@ def count_params(module: nn.Module) -> int:
 
 
 def model_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what a serialized model must store)."""
-    seen, total = set(), 0
+    """Bytes of every parameter and buffer (what a serialized model must store), stored dense.
+
+    Weight masks (``graphopt.sparsity``) are left out: the zeros they mark are in the weights."""
+    seen, total = {id(m) for m in mask_tensors(module)}, 0
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) not in seen:
             seen.add(id(t))

@@ -6,7 +6,7 @@ import html
 from typing import Dict, List, Set
 
 from .record import GraphSnapshot, PassRecord, Report
-from .text import _acc, change, human, latency_change
+from .text import _acc, change, human, latency_change, params_change
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
@@ -89,7 +89,7 @@ def _pass_section(i: int, r: PassRecord) -> str:
         ("time", f"{r.seconds:.3f} s"),
         ("nodes", f"{len(r.nodes_added)} added, {len(r.nodes_removed)} removed, "
                   f"{len(r.nodes_changed)} changed ({len(r.nodes_rewired)} rewired)"),
-        ("params", f"{human(r.params_before)} -> {change(r.params_before, r.params_after)}"),
+        ("params", f"{human(r.params_before)} -> {params_change(r.params_before, r.params_after, r.params_masked_after)}"),
         ("MACs", f"{human(r.macs_before)} -> {change(r.macs_before, r.macs_after)}"),
         ("size", f"{human(r.bytes_before, 'B')} -> {change(r.bytes_before, r.bytes_after, 'B')}"),
         ("error vs before", "-" if r.rel_error is None else f"max abs {r.max_abs_error:.3g}, relative {r.rel_error:.3g}"),
@@ -130,14 +130,15 @@ def render_html(report: Report) -> str:
         f'<td class="{r.status.replace(" ", "-")}">{html.escape(r.status)}'
         f'{_WARNED if r.warnings else ""}</td><td>{r.seconds:.2f}s</td>'
         f"<td>+{len(r.nodes_added)} / -{len(r.nodes_removed)} / ~{len(r.nodes_changed)}</td>"
-        f"<td>{change(r.params_before, r.params_after)}</td><td>{change(r.macs_before, r.macs_after)}</td>"
+        f"<td>{params_change(r.params_before, r.params_after, r.params_masked_after)}</td>"
+        f"<td>{change(r.macs_before, r.macs_after)}</td>"
         f"<td>{change(r.bytes_before, r.bytes_after, 'B')}</td>"
         f"<td>{'-' if r.rel_error is None else f'{r.rel_error:.2g}'}</td>"
         f"<td>{_acc(r.accuracy_before, r.accuracy_after)}</td>"
         f"<td>{html.escape(latency_change(r.latency_ms_before, r.latency_ms_after, r.latency_spread_ms_before, r.latency_spread_ms_after))}</td></tr>"
         for i, r in enumerate(report.records, 1))
     final = "" if f is None else (
-        f"<p>final: {change(o.params, f.params)} params, {change(o.macs, f.macs)} MACs, "
+        f"<p>final: {params_change(o.params, f.params, f.params_masked)} params, {change(o.macs, f.macs)} MACs, "
         f"{change(o.bytes, f.bytes, 'B')}" + (f", accuracy {f.accuracy:.4f}" if f.accuracy is not None else "") + "</p>")
     compiled = "" if not report.compile else "<p>compiled: " + html.escape(
         ", ".join(f"{k}={v}" for k, v in report.compile.items() if not isinstance(v, (dict, list)))) + "</p>"

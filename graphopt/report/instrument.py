@@ -10,6 +10,7 @@ from ..analysis.graphview import node_label
 from ..analysis.metrics import count_macs, count_params, model_bytes
 from ..analysis.signature import structure_signature
 from ..analysis.shapes import output_shape
+from ..sparsity import count_masked
 from ..manager import PassInstrument, PassResult
 from .record import GraphSnapshot, ModelSummary, PassRecord, Report, environment
 
@@ -51,8 +52,8 @@ class ReportInstrument(PassInstrument):
         key = id(gm)
         if key not in self._memo:
             self._memo[key] = {"gm": gm, "params": count_params(gm), "macs": count_macs(gm),
-                               "bytes": model_bytes(gm), "snapshot": snapshot(gm), "latency": None,
-                               "spread": None}
+                               "bytes": model_bytes(gm), "masked": count_masked(gm),
+                               "snapshot": snapshot(gm), "latency": None, "spread": None}
         facts = self._memo[key]
         if want_latency and self.latency_fn is not None and facts["latency"] is None:
             facts["latency"], facts["spread"] = self._time(gm)
@@ -73,7 +74,8 @@ class ReportInstrument(PassInstrument):
         self.report = Report(
             model=self.model_name, target=self.target_name,
             original=ModelSummary(f["params"], f["macs"], f["bytes"], len(gm.graph.nodes),
-                                  latency_ms=f["latency"], latency_spread_ms=f["spread"]),
+                                  latency_ms=f["latency"], latency_spread_ms=f["spread"],
+                                  params_masked=f["masked"]),
             environment=environment(),
             latency_schedules=self.latency_schedules if self.latency_fn is not None else None,
         )
@@ -97,6 +99,7 @@ class ReportInstrument(PassInstrument):
             nodes_changed=d.changed if d else [],
             nodes_rewired=d.rewired if d else [],
             params_before=b["params"], params_after=a["params"],
+            params_masked_before=b["masked"], params_masked_after=a["masked"],
             macs_before=b["macs"], macs_after=a["macs"],
             bytes_before=b["bytes"], bytes_after=a["bytes"],
             max_abs_error=eb.max_abs if eb else None,
@@ -123,4 +126,4 @@ class ReportInstrument(PassInstrument):
                                          if self.report.records else last_acc)
         self.report.final = ModelSummary(f["params"], f["macs"], f["bytes"], len(gm.graph.nodes),
                                          accuracy=last_acc, latency_ms=f["latency"],
-                                         latency_spread_ms=f["spread"])
+                                         latency_spread_ms=f["spread"], params_masked=f["masked"])

@@ -7,7 +7,7 @@ import math
 import platform
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = "1.2"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules
+SCHEMA_VERSION = "1.3"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules; 1.3: masked params
 
 
 @dataclasses.dataclass
@@ -26,6 +26,7 @@ class ModelSummary:
     accuracy: Optional[float] = None
     latency_ms: Optional[float] = None
     latency_spread_ms: Optional[float] = None  # p90 - p10 of the runs: the machine's noise
+    params_masked: int = 0  # of params, held at zero by weight masks (graphopt.sparsity)
 
 
 @dataclasses.dataclass
@@ -33,6 +34,8 @@ class PassRecord:
     """What one pass did. Errors are relative to the graph before the pass and to the original.
 
     ``rel_error`` is max|after - before| / max|before| over the outputs on the example inputs.
+    ``params_masked_*`` count the parameters held at zero by weight masks (``graphopt.sparsity``):
+    ``params - params_masked`` are the nonzeros a compressed format would store.
     """
 
     name: str
@@ -47,6 +50,8 @@ class PassRecord:
     nodes_rewired: List[str]
     params_before: int
     params_after: int
+    params_masked_before: int
+    params_masked_after: int
     macs_before: int
     macs_after: int
     bytes_before: int

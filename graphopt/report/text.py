@@ -36,6 +36,11 @@ def latency_change(before: Optional[float], after: Optional[float], spread_befor
     return change(before, after, "ms")
 
 
+def params_change(before: int, after: int, masked: int = 0) -> str:
+    """The params column: the change, and the nonzeros when weight masks hold some at zero."""
+    return change(before, after) + (f" ({human(after - masked)} nonzero)" if masked else "")
+
+
 def _acc(before: Optional[float], after: Optional[float]) -> str:
     if after is None:
         return "-"
@@ -61,7 +66,8 @@ def render_text(report: Report, diffs: bool = False) -> str:
         rows.append([
             str(i), r.name, r.status + (" (!)" if r.warnings else ""), f"{r.seconds:.2f}s",
             f"+{len(r.nodes_added)}/-{len(r.nodes_removed)}/~{len(r.nodes_changed)}",
-            change(r.params_before, r.params_after), change(r.macs_before, r.macs_after),
+            params_change(r.params_before, r.params_after, r.params_masked_after),
+            change(r.macs_before, r.macs_after),
             change(r.bytes_before, r.bytes_after, "B"),
             f"{r.rel_error:.2g}" if r.rel_error is not None else "-",
             _acc(r.accuracy_before, r.accuracy_after),
@@ -86,7 +92,7 @@ def render_text(report: Report, diffs: bool = False) -> str:
         lines.append("\ncompiled: " + ", ".join(f"{k}={v}" for k, v in c.items() if not isinstance(v, (dict, list))))
     f = report.final
     if f is not None:
-        lines.append(f"\nfinal: {change(o.params, f.params)} params, {change(o.macs, f.macs)} MACs, "
+        lines.append(f"\nfinal: {params_change(o.params, f.params, f.params_masked)} params, {change(o.macs, f.macs)} MACs, "
                      f"{change(o.bytes, f.bytes, 'B')}"
                      + (f", accuracy {f.accuracy:.4f}" if f.accuracy is not None else ""))
     return "\n".join(lines)

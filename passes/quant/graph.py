@@ -26,6 +26,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphopt.analysis.sharing import shared_weights
+from graphopt.sparsity import copy_mask
+
 from .modules import QuantizedConv, QuantizedLinear
 from .observers import Observer, QParams
 
@@ -230,18 +233,15 @@ def plan(gm: fx.GraphModule) -> Plan:
     """Find every quantizable layer of ``gm`` (shapes must be in ``node.meta``) and its fused
     activation; list what was left alone and why."""
     sites, skipped = [], []
-    calls: Dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    shared = shared_weights(gm)  # quantizing one use of a shared tensor would untie it
     for node in gm.graph.nodes:
         kind = next((k for k, (match, _) in QUANTIZABLE.items() if match(gm, node)), None)
         if kind is None:
             continue
         name = _site_name(node)
         try:
-            if node.op == "call_module" and calls[node.target] > 1:
-                raise _NotHere(f"module called {calls[node.target]} times (shared weights)")
+            if node.op == "call_module" and node.target in shared:
+                raise _NotHere(shared[node.target])
             if kind == "matmul":
                 inputs = tuple(a for a in node.args[:2])
                 if len(inputs) != 2 or not all(isinstance(a, fx.Node) and _is_float_tensor(a) for a in inputs):
@@ -258,7 +258,8 @@ def plan(gm: fx.GraphModule) -> Plan:
             if not _is_float_tensor(node):
                 raise _NotHere("its output is not a float tensor")
         except _NotHere as e:
-            skipped.append(f"{name} stays float: {e}")
+            if f"{name} stays float: {e}" not in skipped:  # a module called twice: said once
+                skipped.append(f"{name} stays float: {e}")
             continue
         act = next(iter(node.users)) if len(node.users) == 1 else None
         act_kind = _activation_kind(gm, act) if act is not None else None
@@ -427,6 +428,8 @@ def _emit_site(root: fx.GraphModule, graph: fx.Graph, site: Site, xs, x_qp, out_
                           x_qp[0], out_qp, site.act_kind, per_channel)
     else:
         q = QuantizedLinear(layer.weight, layer.bias, x_qp[0], out_qp, site.act_kind, per_channel)
+    if site.node.op == "call_module":  # a pruned layer's zeros quantize to 0: its mask still holds
+        copy_mask(root.get_submodule(site.node.target), q)  # (graphopt.sparsity)
     target = site.node.target if site.node.op == "call_module" else f"{site.node.name}_int8"
     root.add_submodule(target, q)
     return graph.create_node("call_module", target, (xs[0],), name=site.node.name)

@@ -12,8 +12,11 @@ it. After calibration, ``observer.qparams(dtype)`` picks a per-tensor affine qua
 * ``mse``: the same histogram; the range minimizing the expected squared quantization error
   (rounding inside, clipping outside) among shrinking candidates.
 
-Every observer refuses NaN/Inf (the message names the layer and the batch), and a tensor that
-was zero on every batch has no range to quantize: :class:`CalibrationError` for both.
+Every observer refuses NaN/Inf (the message names the layer and the batch): :class:`CalibrationError`.
+A tensor that was zero on every batch has no range of its own (:class:`AllZeroError`); the
+quantize pass then refuses the data when it is the model's input that is all zero, and
+otherwise gives the value a unit range (:meth:`Observer.assume_range`), which is exact for the
+zeros it holds (a residual branch whose last BatchNorm scale is 0, as timm initializes ResNets).
 
 Example:
     >>> import torch
@@ -34,13 +37,17 @@ import torch.nn as nn
 import graphopt
 from graphopt.ops.int8 import qrange
 
-__all__ = ["CalibrationError", "HistogramObserver", "MSEObserver", "MinMaxObserver",
+__all__ = ["AllZeroError", "CalibrationError", "HistogramObserver", "MSEObserver", "MinMaxObserver",
            "MovingAverageObserver", "OBSERVERS", "Observer", "PercentileObserver", "QParams",
            "make_observer", "qparams_from_range", "quantize_weight"]
 
 
 class CalibrationError(graphopt.GraphoptError, ValueError):
     """Calibration found activations that cannot be quantized (all zero, NaN or Inf)."""
+
+
+class AllZeroError(CalibrationError):
+    """A value was exactly 0 on every calibration batch (it has no range of its own)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +129,7 @@ class Observer(nn.Module):
         self.nonzero = False
         self.min_val = float("inf")
         self.max_val = float("-inf")
+        self.assumed: Optional[Tuple[float, float]] = None  # a range given, not observed
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -147,20 +155,24 @@ class Observer(nn.Module):
         """The real range to quantize: ``[lo, hi]``."""
         return self.min_val, self.max_val
 
+    def assume_range(self, lo: float, hi: float) -> None:
+        """Quantize over ``[lo, hi]`` although every value seen was 0 (exact for those zeros)."""
+        self.assumed = (float(lo), float(hi))
+
     def check(self) -> None:
         """Raise CalibrationError when nothing usable was seen."""
         if self.batches == 0:
             raise CalibrationError(f"{self.where}: no calibration batch reached this value "
                                    "(is it computed only on some inputs?)")
-        if not self.nonzero:
-            raise CalibrationError(
+        if not self.nonzero and self.assumed is None:
+            raise AllZeroError(
                 f"{self.where}: every value was 0 on all {self.batches} calibration batch(es), so it has no "
                 "range to quantize. Use real, varied calibration data (not zeros); if the model really "
                 "produces only zeros there (e.g. dead ReLUs), keep the layer in float with skip=[...].")
 
     def qparams(self, dtype: torch.dtype) -> QParams:
         self.check()
-        lo, hi = self.range()
+        lo, hi = self.assumed if self.assumed is not None and not self.nonzero else self.range()
         try:
             return qparams_from_range(lo, hi, dtype)
         except ValueError as e:

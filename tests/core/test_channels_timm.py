@@ -283,3 +283,50 @@ def test_identity_dropout_and_droppath_keep_the_channels():
     model, x, gm, a = analyzed("gates")
     assert group_with(a, "pw.conv").prunable  # through nn.Dropout into the head
     assert not any(isinstance(m, zoo.DropPath) for m in gm.modules())  # identity in eval: traced away
+
+
+class ShapeFromInput(nn.Module):
+    """EdgeNeXt's CrossCovarianceAttn: `B, N, C = x.shape` read from the block input, then
+    `reshape(B, N, C)` of the attention output, whose channels the analysis does not follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv = nn.Linear(8, 32), nn.Linear(32, 96)
+        self.proj, self.head = nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 4, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.head(x + self.proj(y)).mean(1)
+
+
+class ShapeFromOther(nn.Module):
+    """A view sized by another tensor's channel count (`y.view(B, x.size(1), -1)`): both counts
+    are cut together."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 16, 1)
+        self.head_a, self.head_b = nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        u, w = self.a(x), self.b(x)
+        B = u.shape[0]
+        return self.head_b(w.view(B, u.size(1), -1).mean(-1)) + self.head_a(u.mean((2, 3)))
+
+
+def test_a_size_read_from_another_tensors_shape_freezes_or_couples_its_channels():
+    model, x = ShapeFromInput().eval(), (torch.randn(1, 16, 8),)
+    gm = graphopt.capture(model, x)
+    a = analyze_channels(gm)
+    g = group_with(a, "embed")
+    assert not g.prunable and "shape" in g.reason, g.reason
+    opt = graphopt.optimize(model, [("prune_channels", {"ratio": 0.3})], example_inputs=x, progress=False)
+    assert opt.report["prune_channels"].status in ("applied", "no-op"), opt.report["prune_channels"].reason
+    other, y = ShapeFromOther().eval(), (torch.randn(1, 3, 4, 4),)
+    a = analyze_channels(graphopt.capture(other, y))
+    assert group_with(a, "a") is group_with(a, "b")  # cut together: the view stays consistent
+    gm, rec, cut_macs = prune(other, y)
+    assert cut_macs > 0.2

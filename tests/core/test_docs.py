@@ -11,7 +11,7 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 MODULES = ["graphopt", "graphopt.api", "graphopt.capture", "graphopt.pass_registry", "graphopt.manager",
            "graphopt.analysis.graphview", "graphopt.models.reference", "graphopt.target_protocol",
            "graphopt.batches", "graphopt.analysis.sharing", "graphopt.errors", "graphopt.layer_registry",
-           "graphopt.arguments", "graphopt.analysis.channels.blockers"]
+           "graphopt.arguments", "graphopt.analysis.channels.blockers", "graphopt.sparsity"]
 
 
 @pytest.mark.parametrize("name", MODULES)

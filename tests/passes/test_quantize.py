@@ -374,7 +374,27 @@ class Broken(nn.Module):
         return self.conv2(self.conv1(x) * 0.0)
 
 
-@pytest.mark.parametrize("mode,message", [("zero", r"`mul`.*every value was 0"), ("nan", r"`sqrt`.*NaN/Inf")])
+def test_a_value_zero_on_every_batch_gets_a_unit_range_with_a_warning():
+    """timm's ResNets zero the last BatchNorm of each block: after fusion that conv outputs only
+    zeros, which quantize exactly with any scale. The pass says so instead of refusing."""
+    model, inputs = Broken("zero").eval(), (torch.rand(1, 3, 8, 8),)
+    data = [torch.rand(2, 3, 8, 8)]
+    opt = graphopt.optimize(model, ["quantize"], example_inputs=inputs, calibration_data=data, progress=False)
+    r = opt.report["quantize"]
+    assert r.status == "applied", r.reason
+    assert any("exactly 0 on every calibration batch" in w and "`mul`" in w for w in r.warnings), r.warnings
+    assert r.rel_error < 0.05
+
+
+def test_all_zero_calibration_data_is_refused():
+    model, inputs = Broken("zero").eval(), (torch.rand(1, 3, 8, 8),)
+    data = [torch.zeros(2, 3, 8, 8)]
+    opt = graphopt.optimize(model, ["quantize"], example_inputs=inputs, calibration_data=data, progress=False)
+    r = opt.report["quantize"]
+    assert r.status == "failed" and "every value was 0" in r.reason and "calibration data" in r.reason
+
+
+@pytest.mark.parametrize("mode,message", [("nan", r"`sqrt`.*NaN/Inf")])
 def test_bad_activations_roll_back_with_a_clear_reason(mode, message):
     model, inputs = Broken(mode).eval(), (0.5 + 0.5 * torch.rand(1, 3, 8, 8),)
     data = [torch.rand(2, 3, 8, 8)]

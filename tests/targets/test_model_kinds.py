@@ -42,3 +42,16 @@ def test_half_precision_models_compile_in_float32(dtype, tmp_path):
     opt.compiled.save(tmp_path / "half")
     with graphopt.load(tmp_path / "half") as loaded:
         assert torch.equal(loaded(x), y)
+
+
+def test_a_zero_dim_output_keeps_its_shape():
+    """x.sum() is a 0-d tensor in PyTorch and out of the compiled model alike."""
+    class Total(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x).sum(), x.mean()
+
+    x = torch.randn(2, 3)
+    opt = graphopt.optimize(Total(), [], "x86", example_inputs=(x,), progress=False, measure_latency=False)
+    got, want = opt(x), Total()(x)
+    assert [t.shape for t in got] == [w.shape for w in want] == [torch.Size([]), torch.Size([])]
+    assert all(torch.allclose(g, w, rtol=1e-5) for g, w in zip(got, want))

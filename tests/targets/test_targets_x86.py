@@ -452,6 +452,7 @@ def test_emulated_latency_is_not_a_number(recwarn):
 
 @pytest.mark.parametrize("name", ["graphopt.targets", "graphopt.targets.target", "graphopt.targets.presets",
                                   "graphopt.targets.hostcpu", "graphopt.targets.lowering", "graphopt.targets.translations",
+                                  "graphopt.targets.aten", "graphopt.targets.coverage",
                                   "graphopt.targets.layouts", "graphopt.targets.tuning",
                                   "graphopt.targets.schedules"])
 def test_docstring_examples(name):

@@ -88,6 +88,27 @@ def _shape_args(rc: RuleContext, node: fx.Node) -> Tuple[List[Any], List[Optiona
     return args, [base + (start + i,) for i in range(len(args))]
 
 
+def _shape_read(rc: RuleContext, size: Any) -> Optional[Tuple[Space, str]]:
+    """The channel space whose count a size argument reads at run time (``t.shape[k]``,
+    ``t.size(k)``, ``B, N, C = t.shape``), when dim ``k`` of ``t`` carries channels."""
+    if not isinstance(size, fx.Node):
+        return None
+    t, k = None, None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        t, k = size.args
+    elif size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[1], int):
+        shape = size.args[0]
+        if isinstance(shape, fx.Node) and (
+                (shape.op == "call_function" and shape.target is getattr and shape.args[1:] == ("shape",))
+                or (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)):
+            t, k = shape.args[0], size.args[1]
+    got = rc.channels_of(t) if isinstance(t, fx.Node) and isinstance(k, int) else None
+    ndim = len(rc.shape(t) or ()) if isinstance(t, fx.Node) else 0
+    if isinstance(got, Space) and ndim and norm_dim(k, ndim) == got.dim:
+        return got, t.name
+    return None
+
+
 def _set_arg(node: fx.Node, loc: tuple, value: int) -> None:
     args = list(node.args)
     if len(loc) == 2:
@@ -219,6 +240,23 @@ def _parameter_channels(rc: RuleContext, x: fx.Node) -> Optional[Space]:
 
 
 def _movement(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> None:
+    key = node.target if node.op != "call_module" else type(module)
+    # sizes read from another tensor's channel count at run time (EdgeNeXt's `B, N, C = x.shape`
+    # then `y.reshape(B, N, C)`): that count must follow this op's output, or stay as it is
+    reads = {}
+    if key in _EXPLICIT:
+        reads = {d: r for d, size in enumerate(_shape_args(rc, node)[0])
+                 if (r := _shape_read(rc, size)) is not None}
+    try:
+        _movement_rule(rc, node, module, key, reads)
+    finally:
+        for read, name in reads.values():  # the ones not coupled to the output below
+            rc.freeze(read, f"its channel count is read from `{name}`'s shape by `{node.name}`, "
+                            "which cannot follow a cut")
+
+
+def _movement_rule(rc: RuleContext, node: fx.Node, module: Optional[nn.Module], key: Any,
+                   reads: Dict[int, Tuple[Space, str]]) -> None:
     x = node.args[0]
     got = rc.channels_of(x)
     in_shape = rc.shape(x)
@@ -232,7 +270,6 @@ def _movement(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> No
     p = _run_movement(rc, node, module, probe_in)
     if tuple(p.shape) != tuple(rc.shape(node) or ()):
         raise Unsupported(f"replayed shape {tuple(p.shape)} differs from the recorded one")
-    key = node.target if node.op != "call_module" else type(module)
     if key in _SELECTING and isinstance(got, Space) and not got.is_param and channel_slice(rc, node, got, p):
         return
     locations: List[Optional[tuple]] = [None] * p.dim()
@@ -266,6 +303,13 @@ def _movement(rc: RuleContext, node: fx.Node, module: Optional[nn.Module]) -> No
             "permutation" if len(ids) == start.size else "block")
         rc.couple(out, np.arange(out.size), start, ids, kind,
                   f"{out.size} features from {start.size} channels" if kind == "block" else "")
+        read = reads.pop(d, None)
+        if read is not None and read[0] is not start and read[0].size == out.size:
+            # both counts must stay equal: cut together
+            rc.couple(out, np.arange(out.size), read[0], np.arange(out.size), "same-count",
+                      f"its channel count is read from `{read[1]}`'s shape")
+        elif read is not None and read[0] is not start:
+            reads[d] = read
         if not adapts[d]:
             loc = locations[d]
             if loc is None:

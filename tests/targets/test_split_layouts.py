@@ -1,0 +1,38 @@
+"""A channel split of a blocked (NCHW[x]c) value lowers to the right parts (issue 12: MixNet's
+mixed convs after a depthwise conv failed to compile in int8, "Argument 0 type mismatch")."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+
+
+class MixedAfterDepthwise(nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        c = sum(sizes)
+        self.sizes = list(sizes)
+        self.pw = nn.Conv2d(3, c, 1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.pwl = nn.ModuleList([nn.Conv2d(s, 8, 1) for s in sizes])
+        self.head = nn.Conv2d(8 * len(sizes), 10, 1)
+
+    def forward(self, x):
+        parts = torch.split(F.relu(self.dw(F.relu(self.pw(x)))), self.sizes, 1)
+        return self.head(torch.cat([conv(parts[i]) for i, conv in enumerate(self.pwl)], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("sizes", [(16, 16), (8, 24), (5, 11, 16)])
+@pytest.mark.parametrize("passes", [["fuse_conv_bn"], ["fuse_conv_bn", "quantize"]])
+def test_channel_split_after_a_blocked_conv_compiles_and_matches(sizes, passes):
+    torch.manual_seed(0)
+    model, x = MixedAfterDepthwise(sizes).eval(), (torch.randn(1, 3, 16, 16),)
+    data = [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    opt = graphopt.optimize(model, passes, "x86", example_inputs=x, calibration_data=data, progress=False,
+                            measure_latency=False)
+    assert all(r.status in ("applied", "no-op") for r in opt.report.records), [r.reason for r in opt.report.records]
+    with torch.no_grad():
+        want = opt.graph_module(*x)
+    got = opt(*x)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4

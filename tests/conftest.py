@@ -44,11 +44,16 @@ def residual_report():
                              eval_fn=lambda m: float(m(*inputs).argmax() == 3))
 
 
+#: Optional suites against model libraries: they run only when named with `-m`.
+OPTIONAL_SUITES = ("torchvision", "timm")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The torchvision suite is optional: it runs only when asked for with `-m torchvision`."""
-    if "torchvision" in (config.getoption("-m") or ""):
-        return
-    keep = [i for i in items if "torchvision" not in i.keywords]
+    """The model-library suites are optional: each runs only when asked for with `-m <name>`."""
+    asked = config.getoption("-m") or ""
+    skipped = [s for s in OPTIONAL_SUITES if s not in asked]
+    # markers, not keywords: keywords also hold directory names (a checkout in a dir called `timm`)
+    keep = [i for i in items if not any(i.get_closest_marker(s) for s in skipped)]
     if len(keep) != len(items):
-        config.hook.pytest_deselected(items=[i for i in items if "torchvision" in i.keywords])
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep

@@ -143,9 +143,8 @@ def clip_as_min_max():
     its convolution: 12 extra kernels and 24 transforms. Elementwise max/min with scalar
     constants propagate any layout and fuse.
     """
-    import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, wildcard
 
     x, lo, hi = wildcard(), wildcard(), wildcard()
     pattern = is_op("relax.clip")(x, lo, hi)
@@ -164,14 +163,7 @@ def clip_as_min_max():
         return relax.op.minimum(relax.op.maximum(matches[x], relax.const(low, dtype)),
                                 relax.const(high, dtype))
 
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.ClipAsMinMax")
-    def transform(mod, _ctx):
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gv] = rewrite_call(pattern, rewrite, func)
-        return mod
-
-    return transform
+    return _rewrite_pass("graphopt.ClipAsMinMax", pattern, rewrite)
 
 
 def split_as_slices():
@@ -184,7 +176,7 @@ def split_as_slices():
     """
     import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, wildcard
 
     x = wildcard()
     pattern = is_op("relax.split")(x)
@@ -205,7 +197,16 @@ def split_as_slices():
         return relax.Tuple([relax.op.strided_slice(data, axes=[1], begin=[b], end=[e])
                             for b, e in zip(bounds, bounds[1:])])
 
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.SplitAsSlices")
+    return _rewrite_pass("graphopt.SplitAsSlices", pattern, rewrite)
+
+
+def _rewrite_pass(name: str, pattern, rewrite):
+    """A module pass applying ``rewrite`` to every match of ``pattern`` in each Relax function."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def transform(mod, _ctx):
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):

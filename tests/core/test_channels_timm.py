@@ -285,23 +285,6 @@ def test_identity_dropout_and_droppath_keep_the_channels():
     assert not any(isinstance(m, zoo.DropPath) for m in gm.modules())  # identity in eval: traced away
 
 
-class ShapeFromInput(nn.Module):
-    """EdgeNeXt's CrossCovarianceAttn: `B, N, C = x.shape` read from the block input, then
-    `reshape(B, N, C)` of the attention output, whose channels the analysis does not follow."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.qkv = nn.Linear(8, 32), nn.Linear(32, 96)
-        self.proj, self.head = nn.Linear(32, 32), nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = self.embed(x)
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, 4, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
-        return self.head(x + self.proj(y)).mean(1)
-
-
 class ShapeFromOther(nn.Module):
     """A view sized by another tensor's channel count (`y.view(B, x.size(1), -1)`): both counts
     are cut together."""
@@ -318,7 +301,9 @@ class ShapeFromOther(nn.Module):
 
 
 def test_a_size_read_from_another_tensors_shape_freezes_or_couples_its_channels():
-    model, x = ShapeFromInput().eval(), (torch.randn(1, 16, 8),)
+    from timm_repros import ShapeFromInputAttention  # EdgeNeXt's `B, N, C = x.shape ... reshape(B, N, C)`
+
+    model, x = ShapeFromInputAttention().eval(), (torch.randn(1, 16, 8),)
     gm = graphopt.capture(model, x)
     a = analyze_channels(gm)
     g = group_with(a, "embed")

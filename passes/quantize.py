@@ -107,6 +107,8 @@ def quantize(gm: fx.GraphModule, ctx: graphopt.PassContext, *, observer: str, pe
              percentile: float, num_batches: Optional[int]) -> fx.GraphModule:
     """Calibrate, then replace every quantizable layer (not kept in float) by integer compute."""
     dtype = activation_dtype_for(activation_dtype, ctx)
+    if qgraph.freeze_dtype_reads(gm):  # a cast to a layer's weight dtype must stay a float cast
+        ctx.note("dtype reads (x.dtype) fixed to the float graph's dtypes: quantized layers hold int8 weights")
     p = qgraph.plan(gm)
     for message in p.skipped:
         ctx.note(message)

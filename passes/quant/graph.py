@@ -229,6 +229,38 @@ def _site_name(node: fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
 
 
+def freeze_dtype_reads(gm: fx.GraphModule) -> int:
+    """Replace every ``x.dtype`` read in ``gm`` by the dtype it has now; returns how many.
+
+    Quantized layers hold int8 weights, so code that casts to a layer's weight dtype (timm's
+    ``pos.to(self.token_projection.weight.dtype)`` in EdgeNeXt) would cast its float input to
+    int8 once the layer is quantized. The float graph's dtypes are what the code meant.
+    """
+    frozen = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target is getattr and node.args[1:] == ("dtype",)):
+            continue
+        src = node.args[0]
+        if src.op == "get_attr":
+            value = gm
+            for part in src.target.split("."):
+                value = getattr(value, part)
+            dtype = getattr(value, "dtype", None)
+        else:
+            dtype = getattr(src.meta.get("tensor_meta"), "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            continue
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: dtype if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: dtype if a is node else a)
+        gm.graph.erase_node(node)
+        frozen += 1
+    if frozen:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return frozen
+
+
 def plan(gm: fx.GraphModule) -> Plan:
     """Find every quantizable layer of ``gm`` (shapes must be in ``node.meta``) and its fused
     activation; list what was left alone and why."""

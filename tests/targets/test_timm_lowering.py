@@ -1,5 +1,7 @@
-"""A channel split of a blocked (NCHW[x]c) value lowers to the right parts (issue 12: MixNet's
-mixed convs after a depthwise conv failed to compile in int8, "Argument 0 type mismatch")."""
+"""Lowering what timm models do in int8 and fp32: a channel split of a blocked (NCHW[x]c) value
+lowers to the right parts (MixNet failed to compile in int8, "Argument 0 type mismatch"), and a
+cast to a quantized layer's weight dtype stays a float cast (EdgeNeXt).
+"""
 import pytest
 import torch
 import torch.nn as nn
@@ -36,3 +38,29 @@ def test_channel_split_after_a_blocked_conv_compiles_and_matches(sizes, passes):
         want = opt.graph_module(*x)
     got = opt(*x)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+class CastToWeightDtype(nn.Module):
+    """timm EdgeNeXt's PositionalEncodingFourier: `pos.to(self.proj.weight.dtype)`; once `proj`
+    is quantized its weight is int8, and the cast must stay a float cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.conv = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        pos = torch.ones_like(x[:, :4]) * 0.5
+        return self.conv(x + self.proj(pos.to(self.proj.weight.dtype)))
+
+
+def test_a_cast_to_a_quantized_layers_weight_dtype_stays_float():
+    torch.manual_seed(0)
+    model, x = CastToWeightDtype().eval(), (torch.randn(1, 8, 8, 8),)
+    opt = graphopt.optimize(model, ["quantize"], "x86", example_inputs=x, calibration_data=[torch.randn(2, 8, 8, 8)],
+                            progress=False, measure_latency=False)
+    record = opt.report["quantize"]
+    assert record.status == "applied" and any("dtype reads" in m for m in record.messages)
+    with torch.no_grad():
+        want, ref = opt.graph_module(*x), model(*x)
+    assert float((opt(*x) - want).abs().max() / want.abs().max()) < 1e-4
+    assert float((want - ref).abs().max() / ref.abs().max()) < 0.05

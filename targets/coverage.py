@@ -135,10 +135,15 @@ def export(module, inputs: Sequence):
     Raises:
         TargetError: torch.export cannot handle the graph.
     """
+    import warnings
+
     import torch
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch warns about its own pytree internals while it copies the program: nothing a
+            # user can act on (the frontend's translation filters the same warning)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             return torch.export.export(module, tuple(inputs)).run_decompositions()
     except Exception as e:  # torch.export raises many unrelated types
         raise TargetError(f"torch.export could not export the graph for lowering: {type(e).__name__}: {e}") from e

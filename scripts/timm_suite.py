@@ -564,13 +564,13 @@ def render(doc: Dict[str, Any]) -> str:
         "(relative error vs PyTorch); int8 = `fuse_conv_bn` + `quantize` compiled for x86: top-1 agreement "
         f"with the simulated int8 graph on {AGREEMENT_INPUTS} random inputs, conv/linear layers left in float.",
         "",
-        "| model | capture | fuse | prune 0.3 | x86 | ARM | int8 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | capture | fuse | prune 0.3 | x86 | ARM | int8 | graphopt |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in doc["models"].items():
+    for name, m in doc["models"].items():  # --models runs merge: each row says which commit it measured
         st = m["steps"]
         cells = [_cell(step, st.get(step)) if step in st else "—" for step in STEPS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m.get('commit', '?')} |")
     lines += ["", "† run with the `leaf_modules` the CaptureError advises (the model does not trace as it is).",
               "", "Against issue 12's 'Done when':", "", *criteria(doc["models"]), ""]
     return "\n".join(lines)

@@ -23,12 +23,12 @@ interleaved at the end. Writes the tables into docs/performance.md between the
 ``mobile-benchmark`` markers.
 
 torchvision needs torch 2.14.1, not the 2.13 CPU build of graphopt's own venv; the
-environment this was written with::
+environment it runs in (any venv beside graphopt's own)::
 
-    python3 -m venv /work/venvs/mobile
-    /work/venvs/mobile/bin/pip install torch==2.14.1 torchvision==0.29.1   # a 5.5 GB CUDA build; runs on the CPU
-    /work/venvs/mobile/bin/pip install -e ".[test,bench]"                  # this checkout; torch stays 2.14.1
-    /work/venvs/mobile/bin/python benchmarks/mobile.py --trials 500
+    python3 -m venv venv-bench
+    venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1   # a 5.5 GB CUDA build; runs on the CPU
+    venv-bench/bin/pip install -e ".[test,bench]"                  # this checkout; torch stays 2.14.1
+    venv-bench/bin/python benchmarks/mobile.py --trials 500
 
 Usage:
     python benchmarks/mobile.py [--models mobilenet_v2 ...] [--trials 500] [--threads 2] [--rounds 20]

@@ -34,13 +34,13 @@ import collections
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -379,18 +379,28 @@ def worker(name: str, steps: List[str], events: Path) -> None:
         emit(step=step, event="end", result=result)
 
 
+#: where timm and torch live in this environment: messages name files relative to it
+SITE_PACKAGES = sysconfig.get_paths()["purelib"] + "/"
+
+
 def _traceable(s: State, capture: Dict[str, Any]) -> bool:
     return capture["status"] == "ok" or bool(s.leaf)
 
 
 def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    """JSON-safe (NaN/Inf as null), with this machine's site-packages path left out of messages."""
+    from graphopt.report.record import json_safe
+
+    def local(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace(SITE_PACKAGES, "<site-packages>/")
+        if isinstance(v, dict):
+            return {k: local(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [local(x) for x in v]
+        return v
+
+    return local(json_safe(obj))
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class Report:
         raise KeyError(f"no pass {name!r} in this report; passes: {[r.name for r in self.records]}")
 
     def to_dict(self) -> Dict[str, Any]:
-        d = _finite(dataclasses.asdict(self))
+        d = json_safe(dataclasses.asdict(self))
         d["schema_version"] = SCHEMA_VERSION
         return d
 
@@ -127,14 +127,14 @@ class Report:
         return self.to_text()
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN and Inf (e.g. the error of a rolled-back pass that changed shapes) become null: valid JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError, InputShapeError, InvalidModelError
 from .numerics import first_nonfinite_node, is_finite, run
+from .static_padding import base_layer, make_static
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -75,31 +76,49 @@ def trace(
     leaf_modules: Sequence[Union[str, type]] = (),
     concrete_args: Optional[Dict[str, Any]] = None,
 ) -> fx.GraphModule:
-    """Symbolically trace ``model`` (not copied here) or raise CaptureError naming module and line."""
-    tracer = _PathTracer(leaf_modules)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as e:  # any tracing failure becomes one actionable error
-        frame = _user_frame(e.__traceback__)
-        where = f"{frame.filename}:{frame.lineno}" if frame else "an unknown line"
-        code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip() if frame else ""
-        if tracer.failed_in:
-            qual, cls = tracer.failed_in
-            module = f"module `{qual or '<root>'}` ({cls})"
-            leaf_hint = f"leaf_modules=[{qual!r}]" if qual else "leaf_modules=[...]"
-        else:
-            module = f"module `<root>` ({type(model).__name__})"
-            leaf_hint = "leaf_modules=['name.of.submodule']"
-        raise CaptureError(
-            f"cannot trace {module} at {where}: `{code}`\n"
-            f"  why: {_explain(e)}\n"
-            f"  what to do: keep that submodule opaque with {leaf_hint} (graphopt then leaves it "
-            f"untouched), or fix the value that drives the branch with concrete_args={{'flag': True}}, "
-            f"or rewrite the line without tensor-dependent Python control flow."
-        ) from e
+    """Symbolically trace ``model`` (not copied here) or raise CaptureError naming module and line.
+
+    A torch layer subclass whose own forward cannot be traced (the "same" padding of TF ports)
+    is retried as a leaf; the classes so kept are in ``gm.meta["graphopt_auto_leaves"]`` for
+    :func:`graphopt.static_padding.make_static`."""
+    auto: List[type] = []
+    while True:
+        tracer = _PathTracer(list(leaf_modules) + auto)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+            break
+        except Exception as e:  # any tracing failure becomes one actionable error
+            failed = model.get_submodule(tracer.failed_in[0]) if tracer.failed_in else None
+            if failed is not None and base_layer(failed) is not None and type(failed) not in auto:
+                auto.append(type(failed))
+                continue
+            _raise_capture_error(model, tracer, e)
     if concrete_args:
         _bake_concrete_args(graph, concrete_args, list(inspect.signature(model.forward).parameters))
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["graphopt_auto_leaves"] = auto
+    return gm
+
+
+def _raise_capture_error(model: torch.nn.Module, tracer: _PathTracer, e: Exception) -> None:
+    """One actionable CaptureError for a tracing failure: module, line, why and what to do."""
+    frame = _user_frame(e.__traceback__)
+    where = f"{frame.filename}:{frame.lineno}" if frame else "an unknown line"
+    code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip() if frame else ""
+    if tracer.failed_in:
+        qual, cls = tracer.failed_in
+        module = f"module `{qual or '<root>'}` ({cls})"
+        leaf_hint = f"leaf_modules=[{qual!r}]" if qual else "leaf_modules=[...]"
+    else:
+        module = f"module `<root>` ({type(model).__name__})"
+        leaf_hint = "leaf_modules=['name.of.submodule']"
+    raise CaptureError(
+        f"cannot trace {module} at {where}: `{code}`\n"
+        f"  why: {_explain(e)}\n"
+        f"  what to do: keep that submodule opaque with {leaf_hint} (graphopt then leaves it "
+        f"untouched), or fix the value that drives the branch with concrete_args={{'flag': True}}, "
+        f"or rewrite the line without tensor-dependent Python control flow."
+    ) from e
 
 
 def _bake_concrete_args(graph: fx.Graph, concrete_args: Dict[str, Any], params: List[str]) -> None:
@@ -181,6 +200,9 @@ def capture(
             ) from e
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     propagate_shapes(gm, example_inputs)
+    if gm.meta["graphopt_auto_leaves"]:
+        gm.meta["graphopt_capture_notes"] = make_static(gm, gm.meta["graphopt_auto_leaves"])
+        propagate_shapes(gm, example_inputs)
     check_finite_outputs(gm, example_inputs)
     return gm
 

@@ -7,6 +7,7 @@ BatchNorm statistics are randomized so that folding is never trivially exact.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -408,6 +409,52 @@ class InvertedResidualSE(nn.Module):
         return self.drop_path(y) + x if self.has_skip else y
 
 
+def _same_pads(x: torch.Tensor, kernel, stride, dilation=(1, 1)):
+    """timm.layers.padding.pad_same's amounts: computed from the input size at run time."""
+    pads = []
+    for i, k, s, d in reversed(list(zip(x.size()[-2:], kernel, stride, dilation))):
+        total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm.layers.Conv2dSame (the tf_* ports): "same" padding that torch.fx cannot trace."""
+
+    def forward(self, x):
+        x = F.pad(x, _same_pads(x, self.kernel_size, self.stride, self.dilation))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """timm.layers.MaxPool2dSame: pads with -inf from the input size, then pools."""
+
+    def forward(self, x):
+        x = F.pad(x, _same_pads(x, self.kernel_size, self.stride, (self.dilation,) * 2), value=-float("inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride, (0, 0), self.dilation, self.ceil_mode)
+
+
+class TfSameLike(nn.Module):
+    """tf_efficientnet / tf_mobilenetv3: stride-2 and depthwise "same" convs, a "same" max pool,
+    where the padding is asymmetric (one more on the right and bottom)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = Conv2dSame(3, 16, 3, stride=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pool = MaxPool2dSame((3, 3), (2, 2))
+        self.pw = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.dw = Conv2dSame(32, 32, 5, stride=2, groups=32, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.stem(x))))
+        x = F.silu(self.bn3(self.dw(F.silu(self.bn2(self.pw(x))))))
+        return self.head(x).mean((2, 3))
+
+
 class MobileNetV3Like(nn.Module):
     """timm's MobileNetV3: BatchNormAct2d everywhere (functional batch_norm + rank asserts),
     hard-swish, SE with hard-sigmoid, a 1x1 conv head after the pool, timm's Linear classifier."""
@@ -649,7 +696,7 @@ class CbamModule(nn.Module):
         return x * self.spatial(x_attn).sigmoid()
 
 
-class Conv2dSame(nn.Conv2d):
+class Conv2dSameLiteral(nn.Conv2d):
     """timm's Conv2dSame, with the TF 'same' padding for a stride-2 3x3 on an even input
     written as a literal (timm computes it with math.ceil, which fx cannot trace):
     F.pad then F.conv2d on get_attr parameters."""
@@ -667,8 +714,8 @@ class GatesLike(nn.Module):
         super().__init__()
         self.stem = ConvBnAct(3, 16, 3)
         self.eca = EcaModule()
-        self.conv = Conv2dSame(16, 32, 3, stride=2)
-        self.dw = Conv2dSame(32, 32, 3, stride=2, groups=32)
+        self.conv = Conv2dSameLiteral(16, 32, 3, stride=2)
+        self.dw = Conv2dSameLiteral(32, 32, 3, stride=2, groups=32)
         self.pw = ConvBnAct(32, 32)
         self.cbam = CbamModule(32)
         self.drop, self.head = nn.Dropout(0.2), nn.Linear(32, num_classes)
@@ -753,6 +800,7 @@ TIMM_PATTERNS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
     "norms": (NormsLike, (1, 3, 32, 32)),
     "gates": (GatesLike, (1, 3, 32, 32)),
     "split_attn": (SplitAttnLike, (1, 3, 16, 16)),
+    "tf_same": (TfSameLike, (1, 3, 32, 32)),
 }
 
 

@@ -153,6 +153,7 @@ def render_html(report: Report) -> str:
         + (f" &rarr; {html.escape(report.target)}" if report.target else "") + "</h1>"
         f"<p>original: {human(o.params)} params, {human(o.macs)} MACs, {human(o.bytes, 'B')}"
         + (f", accuracy {o.accuracy:.4f}" if o.accuracy is not None else "") + "</p>"
+        + "".join(f"<p>capture: {html.escape(note)}</p>" for note in report.capture) +
         "<table id='summary'><tr><th>#</th><th>pass</th><th>status</th><th>time</th><th>nodes +/-/~</th>"
         "<th>params</th><th>MACs</th><th>size</th><th>rel err</th><th>accuracy</th><th>latency</th></tr>"
         f"{summary_rows}</table>{schedules}{final}{compiled}"

@@ -78,6 +78,7 @@ class ReportInstrument(PassInstrument):
                                   params_masked=f["masked"]),
             environment=environment(),
             latency_schedules=self.latency_schedules if self.latency_fn is not None else None,
+            capture=list(getattr(gm, "meta", {}).get("graphopt_capture_notes", [])),
         )
 
     def run_after_pass(self, result: PassResult, ctx):

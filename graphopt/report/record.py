@@ -7,8 +7,9 @@ import math
 import platform
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = "1.4"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules;
-#                        1.3: masked params; 1.4: records carry `data` (the latency search's steps under "search")
+SCHEMA_VERSION = "1.5"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules;
+#                        1.3: masked params; 1.4: records carry `data` (the latency search's steps under "search");
+#                        1.5: `capture` notes (what tracing had to do to the model)
 
 
 @dataclasses.dataclass
@@ -87,6 +88,7 @@ class Report:
     compile: Optional[Dict[str, Any]] = None  # filled by the target: tuning trials, cache hits...
     latency_schedules: Optional[str] = None  # which schedules every latency was timed with
     environment: Dict[str, str] = dataclasses.field(default_factory=dict)
+    capture: List[str] = dataclasses.field(default_factory=list)  # what tracing changed, e.g. static padding
 
     def __getitem__(self, name: str) -> PassRecord:
         """The record of the pass called ``name`` (the last one when it ran twice)."""

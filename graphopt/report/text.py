@@ -59,7 +59,8 @@ def render_text(report: Report, diffs: bool = False) -> str:
     head = (f"graphopt report: {report.model}" + (f" -> {report.target}" if report.target else "")
             + f"\noriginal: {human(o.params)} params, {human(o.macs)} MACs, {human(o.bytes, 'B')}"
             + (f", accuracy {o.accuracy:.4f}" if o.accuracy is not None else "")
-            + (f", latency {o.latency_ms:.3g} ms" if o.latency_ms is not None else ""))
+            + (f", latency {o.latency_ms:.3g} ms" if o.latency_ms is not None else "")
+            + "".join(f"\ncapture: {note}" for note in report.capture))
     rows = [["#", "pass", "status", "time", "nodes +/-/~", "params", "MACs", "size",
              "rel err", "accuracy", "latency"]]
     for i, r in enumerate(report.records, 1):

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
+import zoo
 from graphopt.capture import capture
 
 
@@ -54,6 +55,47 @@ def test_untraceable_model_names_module_line_and_fix():
     assert "`gate` (Gate)" in msg
     assert "test_capture.py:" in msg and "if x.sum() > 0" in msg
     assert "leaf_modules=['gate']" in msg and "concrete_args" in msg
+
+
+def test_same_padding_layers_become_static_pad_and_the_plain_layer():
+    """TF ports (timm's Conv2dSame, MaxPool2dSame) pad from x.size() through max()/math.ceil:
+    captured as F.pad with the example shape's constants and a plain torch layer, exactly."""
+    model, x = zoo.build("tf_same")
+    gm = capture(model, x)
+    kinds = {type(m) for m in gm.modules()}
+    assert not kinds & {zoo.Conv2dSame, zoo.MaxPool2dSame} and {nn.Conv2d, nn.MaxPool2d} <= kinds
+    pads = [n.args[1] for n in gm.graph.nodes if n.target is torch.nn.functional.pad]
+    assert pads == [[0, 1, 0, 1], [0, 1, 0, 1], [1, 2, 1, 2]]  # asymmetric: TF puts the extra on the right
+    assert torch.equal(gm(*x), model(*x))
+    assert gm.stem.weight is not model.stem.weight  # the copy's, and shared with nothing of the user's
+    notes = gm.meta["graphopt_capture_notes"]
+    assert any("2 `Conv2dSame`" in n for n in notes) and any("1 `MaxPool2dSame`" in n for n in notes)
+    opt = graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=x, progress=False)
+    assert opt.report.capture == notes and "capture: 2 `Conv2dSame`" in opt.report.to_text()
+    assert not [n for n in opt.graph_module.graph.nodes if n.op == "call_module"
+                and isinstance(opt.graph_module.get_submodule(n.target), nn.BatchNorm2d)]
+
+
+class OddConv(nn.Conv2d):
+    """A conv subclass whose untraceable forward is not "same" padding: kept as an opaque leaf."""
+
+    def forward(self, x):
+        return super().forward(x) * (2 if x.sum() > 0 else 1)
+
+
+def test_an_untraceable_layer_subclass_that_is_not_same_padding_stays_a_leaf():
+    model = nn.Sequential(OddConv(3, 4, 3), nn.ReLU())
+    gm = capture(model, X)
+    assert isinstance(gm.get_submodule("0"), OddConv)
+    assert any("kept opaque" in n for n in gm.meta["graphopt_capture_notes"])
+    assert torch.equal(gm(*X), model(*X))
+
+
+def test_an_explicit_leaf_is_not_rewritten():
+    model, x = zoo.build("tf_same")
+    gm = capture(model, x, leaf_modules=[zoo.Conv2dSame])
+    assert isinstance(gm.get_submodule("stem"), zoo.Conv2dSame)
+    assert isinstance(gm.get_submodule("pool"), nn.MaxPool2d)  # not listed: still made static
 
 
 def test_leaf_modules_make_it_traceable():

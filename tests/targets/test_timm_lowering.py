@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
+import zoo
 
 
 class MixedAfterDepthwise(nn.Module):
@@ -64,3 +65,14 @@ def test_a_cast_to_a_quantized_layers_weight_dtype_stays_float():
         want, ref = opt.graph_module(*x), model(*x)
     assert float((opt(*x) - want).abs().max() / want.abs().max()) < 1e-4
     assert float((want - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("passes", [["fuse_conv_bn"], ["fuse_conv_bn", "quantize"]])
+def test_same_padding_layers_compile_as_static_pads(passes):
+    """tf_* ports: the static F.pad (zeros before convs, -inf before a max pool) lowers and matches."""
+    model, x = zoo.build("tf_same")
+    calib = [torch.randn(2, *x[0].shape[1:], generator=torch.Generator().manual_seed(3))]
+    opt = graphopt.optimize(model, passes, "x86", example_inputs=x, calibration_data=calib, tune_trials=0,
+                            measure_latency=False, progress=False)
+    ref = opt.graph_module(*x)
+    assert ((opt(*x) - ref).abs().max() / ref.abs().max()).item() <= 1e-4

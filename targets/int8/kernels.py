@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple
 
-__all__ = ["LANES", "RED", "ceil_to", "conv_input", "conv_out_size", "conv_packed", "emit_gather",
-           "max_pool_blocked", "pack_weight", "pool_out_size", "unblock"]
+__all__ = ["LANES", "RED", "ceil_to", "conv_input", "conv_out_size", "conv_packed", "depthwise_blocked",
+           "emit_gather", "max_pool_blocked", "pack_depthwise_weight", "pack_weight", "pool_out_size", "unblock"]
 
 #: The packed weight block: 16 output channels x 4 reduction elements. That is VNNI's
 #: ``vpdpbusd`` shape (``dot_16x4_vnni``: 16 int32 lanes, each a 4-element uint8 x int8 dot
@@ -78,9 +78,10 @@ def _quantize(value, quant: Quant):
 
 
 def conv_input(data, padding: Sequence[int], pad_value: int, blocked_channels: int = 0,
-               quant: Optional[Quant] = None):
+               quant: Optional[Quant] = None, group: int = RED):
     """TE: ``(N, C, *spatial)`` -> ``(N, *(spatial + 2 * padding), C/4, 4)``; the border and the
     channels beyond ``C`` hold ``pad_value`` (the zero point: a real 0), and meet zero weights.
+    ``group=LANES`` gives the blocked layout ``(..., C/16, 16)`` instead (a depthwise conv's input).
 
     ``blocked_channels = C``: ``data`` is a previous conv's blocked ``(N, *spatial, C/16, 16)``
     output, read as it lies (each pixel one contiguous copy). ``quant``: ``data`` is float32
@@ -101,11 +102,11 @@ def conv_input(data, padding: Sequence[int], pad_value: int, blocked_channels: i
         pos, (g, ci) = [rest[i] - padding[i] for i in range(dims)], rest[dims:]
         inside = [tirx.all(p >= 0, p < spatial[i]) for i, p in enumerate(pos)]
         if blocked_channels:
-            value = data[(b, *pos, g // (LANES // RED), (g % (LANES // RED)) * RED + ci)]
+            value = data[(b, *pos, g // (LANES // group), (g % (LANES // group)) * group + ci)]
         else:
-            value = data[(b, g * RED + ci, *pos)]
-        if not blocked_channels or c % RED:
-            inside.append(g * RED + ci < c)
+            value = data[(b, g * group + ci, *pos)]
+        if not blocked_channels or c % group:
+            inside.append(g * group + ci < c)
         if quant is not None:
             value = _quantize(value, quant)
         if not inside:
@@ -113,7 +114,7 @@ def conv_input(data, padding: Sequence[int], pad_value: int, blocked_channels: i
         return tirx.if_then_else(tirx.all(*inside), value, tirx.const(pad_value, out_dtype))
 
     shape = [spatial[i] + 2 * padding[i] for i in range(dims)]
-    return te.compute((n, *shape, ceil_to(c, RED) // RED, RED), f, name="conv_input")
+    return te.compute((n, *shape, ceil_to(c, group) // group, group), f, name="conv_input")
 
 
 def conv_packed(data, packed, stride: Sequence[int], dilation: Sequence[int]):
@@ -139,6 +140,50 @@ def conv_packed(data, packed, stride: Sequence[int], dilation: Sequence[int]):
                       axis=[*rk, rcb, rci])
 
     return te.compute((lead, *out, ob, lanes), f, name="conv_packed")
+
+
+def pack_depthwise_weight(weight):
+    """TE: int8 ``(C, 1, KH, KW)`` -> ``(C/16, KH, KW, 16)`` (zero padded): one tap's 16 channels
+    contiguous, the vector a depthwise conv multiplies a blocked pixel by."""
+    from tvm import te, tirx
+
+    c, _, *kernel = [int(s) for s in weight.shape]
+
+    def f(cb, *rest):
+        *kk, l = rest
+        ch = cb * LANES + l
+        return tirx.if_then_else(ch < c, weight[(ch, 0, *kk)], tirx.const(0, weight.dtype))
+
+    return te.compute((ceil_to(c, LANES) // LANES, *kernel, LANES), f, name="packed_dw_weight")
+
+
+def depthwise_blocked(data, packed, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                      pad_value: int):
+    """TE: the depthwise conv on blocked ``(N, H, W, C/16, 16)`` integers, int32 accumulators in
+    the same layout: ``acc[n, y, x, cb, l] = sum(data[n, y*s + ky*d - p, x*s + kx*d - p, cb, l] *
+    packed[cb, ky, kx, l])``. The taps are the only reduction, the 16 channels of a block the
+    vector; the border reads ``pad_value`` (the zero point) in the load, so no padded copy exists.
+    """
+    from tvm import te, tirx
+
+    n, *spatial = [int(s) for s in data.shape[:-2]]
+    blocks, lanes = [int(s) for s in data.shape[-2:]]
+    kernel = [int(s) for s in packed.shape[1:-1]]
+    dims = len(kernel)
+    padded = [spatial[i] + 2 * padding[i] for i in range(dims)]
+    out = conv_out_size(padded, kernel, stride, dilation)
+    rk = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
+
+    def f(b, *rest):
+        o, cb, l = rest[:dims], rest[dims], rest[dims + 1]
+        pos = [o[i] * stride[i] + rk[i] * dilation[i] - padding[i] for i in range(dims)]
+        value = data[(b, *pos, cb, l)]
+        if any(padding):
+            inside = tirx.all(*[tirx.all(p >= 0, p < spatial[i]) for i, p in enumerate(pos)])
+            value = tirx.if_then_else(inside, value, tirx.const(pad_value, data.dtype))
+        return te.sum(value.astype("int32") * packed[(cb, *rk, l)].astype("int32"), axis=rk)
+
+    return te.compute((n, *out, blocks, lanes), f, name="depthwise_blocked")
 
 
 def unblock(y, o: int):

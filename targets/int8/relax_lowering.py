@@ -9,7 +9,12 @@ Registered with :func:`graphopt.targets.translations.register_translation` when
     the direct int8 x int8 -> int32 convolution on packed weights (:mod:`.kernels`) ->
     ``+ (bias - x_zp * sum(w))`` in int32 (a weights-only term, lifted out of the model at
     build time) -> requantize, in the blocked layout the next conv reads (:mod:`.blocked`).
-``q8_conv`` (grouped, depthwise)
+``q8_conv`` (depthwise: one filter per channel)
+    the input's blocked copy as it lies (a previous conv's output), the border read as the zero
+    point inside the kernel -> the depthwise int8 x int8 -> int32 conv on the 16-channel blocks
+    (:func:`.kernels.depthwise_blocked`) -> the same correction -> requantize, blocked: values
+    stay in the blocked layout through the inverted-residual blocks of MobileNets.
+``q8_conv`` (other grouped convs)
     ``pad(x, zero point)`` -> ``R.nn.conv2d`` / ``R.nn.conv1d`` with ``out_dtype="int32"``
     -> the same correction -> requantize.
 ``q8_matmul``
@@ -41,7 +46,8 @@ from graphopt.ops.int8 import NAMESPACE, OP_NAMES
 
 from ..translations import LoweringState, register_translation
 from .blocked import blocked_of, unblocked
-from .kernels import LANES, RED, ceil_to, conv_input, conv_packed, emit_gather, pack_weight
+from .kernels import (LANES, RED, ceil_to, conv_input, conv_packed, depthwise_blocked, emit_gather,
+                      pack_depthwise_weight, pack_weight)
 from .tensor_intrin import fix_vnni_intrinsic
 
 __all__ = ["packed_conv", "requantize"]
@@ -202,6 +208,42 @@ def _conv_input(bb, state: LoweringState, data, padding, x_zp: int):
     return emit_gather(bb, "pad", conv_input, [data], padding, x_zp)
 
 
+def _blocked_input(bb, state: LoweringState, data, x_zp: int, dims: int):
+    """``data`` as blocked ``(N, *spatial, C/16, 16)`` integers: its blocked copy, or one copy
+    (quantizing a float input on the way, as :func:`_conv_input`)."""
+    copy = blocked_of(state, data)
+    if copy is not None:
+        return copy.var
+    quantized = state.quantized.get(data)
+    if quantized is not None:
+        source, quant = quantized
+        return emit_gather(bb, "quantize_block", conv_input, [source], [0] * dims, x_zp, 0, quant, LANES,
+                           vector_tail=1)
+    return emit_gather(bb, "block", conv_input, [data], [0] * dims, x_zp, 0, None, LANES, vector_tail=1)
+
+
+def depthwise_conv(bb, state: LoweringState, data, weight, bias, mult, x_zp: int, out_zp: int, lo, hi,
+                   out_dtype: str, stride, padding, dilation):
+    """A depthwise int8 conv on blocked integers, requantized, its output blocked."""
+    from tvm.relax import op as R
+
+    c, dims = _shape(weight)[0], len(_shape(weight)) - 2
+    blocked = _blocked_input(bb, state, data, x_zp, dims)
+    packed = bb.emit_te(pack_depthwise_weight, weight, primfunc_name_hint="pack_dw_weight")
+    acc = bb.emit_te(depthwise_blocked, blocked, packed, list(stride), list(padding), list(dilation), int(x_zp),
+                     primfunc_name_hint="depthwise_blocked")
+    corr = _weight_correction(bb, weight, bias, x_zp, list(range(1, dims + 2)))
+    acc = bb.emit(R.add(acc, _lane_blocks(bb, corr, c)))
+    y = requantize(bb, acc, _lane_blocks(bb, mult, c), out_zp, lo, hi, out_dtype)
+    return unblocked(bb, state, y, c)
+
+
+def is_depthwise(weight, groups: int) -> bool:
+    """One filter per input channel and one output channel per filter (channel multiplier 1)."""
+    shape = _shape(weight)
+    return groups > 1 and shape[0] == groups and shape[1] == 1
+
+
 @_translates("q8_conv.default")
 def translate_conv(bb, state: LoweringState, data, weight, bias, mult, x_zp, out_zp, lo, hi, out_dtype,
                    stride, padding, dilation, groups):
@@ -213,7 +255,10 @@ def translate_conv(bb, state: LoweringState, data, weight, bias, mult, x_zp, out
         cols = _conv_input(bb, state, data, padding, x_zp)
         y = packed_conv(bb, cols, weight, bias, mult, x_zp, out_zp, lo, hi, _dtype(out_dtype), stride, dilation)
         return unblocked(bb, state, y, _shape(weight)[0])
-    # grouped / depthwise: a direct integer convolution (too little reduction per group to pack)
+    if is_depthwise(weight, groups):
+        return depthwise_conv(bb, state, data, weight, bias, mult, x_zp, out_zp, lo, hi, _dtype(out_dtype),
+                              stride, padding, dilation)
+    # grouped: a direct integer convolution (too little reduction per group to pack)
     if x_zp != 0 and any(padding):
         pad_width = [0, 0, 0, 0]
         for p in padding:

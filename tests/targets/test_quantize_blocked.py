@@ -156,3 +156,41 @@ def test_prescheduled_kernels_are_not_tuning_tasks_and_survive_the_database():
     replaced[victim] = other
     restored = _keep_prescheduled(prepared)(replaced)
     assert tvm_ffi.structural_equal(restored[victim], prepared[name])
+
+
+class InvertedResiduals(nn.Module):
+    """MobileNetV2/EfficientNet blocks: 1x1 expand -> depthwise (3x3 and 5x5, stride 1 and 2,
+    dilation 2, channels not a multiple of 16) -> 1x1 project, a residual add; a depthwise conv
+    straight after the input (its blocked copy made from the quantized input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw0 = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6())
+        blocks, self.residual = [], []
+        for k, s, d, c in ((3, 1, 1, 24), (5, 2, 1, 40), (3, 1, 2, 20)):
+            self.residual.append(s == 1)
+            blocks.append(nn.Sequential(nn.Conv2d(16, c, 1), nn.ReLU6(),
+                                        nn.Conv2d(c, c, k, s, d * (k // 2), dilation=d, groups=c), nn.ReLU6(),
+                                        nn.Conv2d(c, 16, 1)))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(self.dw0(x))
+        for block, residual in zip(self.blocks, self.residual):
+            x = x + block(x) if residual else block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_depthwise_convs_run_on_blocked_integers_bit_exactly():
+    torch.manual_seed(0)
+    model, inputs = InvertedResiduals().eval(), (torch.randn(1, 3, 29, 29),)
+    opt = _quantized(model, inputs)
+    kernels = _main_kernels(opt.compiled.ir())
+    assert sum(k.startswith("fused_depthwise_blocked") or k == "depthwise_blocked" for k in kernels) == 4, kernels
+    assert not any("conv2d" in k for k in kernels), kernels  # no NCHW conv left
+    assert kernels.count("unblock") == 1, kernels  # only the classifier's output
+    for seed in range(3):
+        x = torch.randn(1, 3, 29, 29, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(opt(x), opt.graph_module(x))

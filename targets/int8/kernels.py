@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple
 
+from ..schedules.common import DEPTHWISE_BLOCKED_INT8_RULE
+
 __all__ = ["LANES", "RED", "ceil_to", "conv_input", "conv_out_size", "conv_packed", "depthwise_blocked",
            "emit_gather", "max_pool_blocked", "pack_depthwise_weight", "pack_weight", "pool_out_size", "unblock"]
 
@@ -183,7 +185,8 @@ def depthwise_blocked(data, packed, stride: Sequence[int], padding: Sequence[int
             value = tirx.if_then_else(inside, value, tirx.const(pad_value, data.dtype))
         return te.sum(value.astype("int32") * packed[(cb, *rk, l)].astype("int32"), axis=rk)
 
-    return te.compute((n, *out, blocks, lanes), f, name="depthwise_blocked")
+    attrs = {"schedule_rule": DEPTHWISE_BLOCKED_INT8_RULE} if dims == 2 else {}
+    return te.compute((n, *out, blocks, lanes), f, name="depthwise_blocked", attrs=attrs)
 
 
 def unblock(y, o: int):

@@ -10,7 +10,8 @@ tuning picks among a handful to a few dozen good candidates:
   output channel blocks, broadcast-FMA over input channels and taps (for a grouped conv, those
   of the tile's group);
 * :mod:`.depthwise`: ``depthwise_conv2d_NCHWc``: register tile of pixels of one channel
-  block, the taps as the only reduction, the padding folded into the loads.
+  block, the taps as the only reduction, the padding folded into the loads; the same tile for
+  the int8 ``depthwise_blocked`` kernel of :mod:`graphopt.targets.int8.kernels`.
 
 A compute definition opts in by annotating its block with ``schedule_rule = <rule name>`` (see
 :mod:`graphopt.targets.layouts`); MetaSchedule's ``ApplyCustomRule`` then calls the function
@@ -18,7 +19,8 @@ registered as ``s_tir.meta_schedule.cpu.<rule>`` for it instead of the generic r
 
 Example:
     >>> register()  # idempotent; the tuner calls it before generating design spaces
-    >>> sorted(RULES) == sorted([CONV2D_NCHWC_RULE, DEPTHWISE_NCHWC_RULE, GROUPED_CONV2D_NCHWC_RULE])
+    >>> sorted(RULES) == sorted([CONV2D_NCHWC_RULE, DEPTHWISE_BLOCKED_INT8_RULE, DEPTHWISE_NCHWC_RULE,
+    ...                          GROUPED_CONV2D_NCHWC_RULE])
     True
 """
 from __future__ import annotations
@@ -26,13 +28,13 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-from .common import (CONV2D_NCHWC_RULE, DEPTHWISE_NCHWC_RULE, GROUPED_CONV2D_NCHWC_RULE, MAX_ACCUMULATORS,
-                     tile_candidates)
+from .common import (CONV2D_NCHWC_RULE, DEPTHWISE_BLOCKED_INT8_RULE, DEPTHWISE_NCHWC_RULE,
+                     GROUPED_CONV2D_NCHWC_RULE, MAX_ACCUMULATORS, tile_candidates)
 from .dense import conv2d_nchwc_rule, grouped_conv2d_nchwc_rule
-from .depthwise import depthwise_nchwc_rule
+from .depthwise import depthwise_blocked_int8_rule, depthwise_nchwc_rule
 
-__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE", "MAX_ACCUMULATORS", "RULES",
-           "conv2d_nchwc_rule", "custom_rule", "depthwise_nchwc_rule", "grouped_conv2d_nchwc_rule", "register",
+__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_BLOCKED_INT8_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE", "MAX_ACCUMULATORS", "RULES",
+           "conv2d_nchwc_rule", "custom_rule", "depthwise_blocked_int8_rule", "depthwise_nchwc_rule", "grouped_conv2d_nchwc_rule", "register",
            "space_generator", "tile_candidates", "trial_cap", "uses_custom_rule"]
 
 #: rule name -> (the rule, the most trials its space can use: a few more than its points)
@@ -40,6 +42,7 @@ RULES = {
     CONV2D_NCHWC_RULE: (conv2d_nchwc_rule, 40),   # up to 3 channel tiles x 2 unrollings x ~6 pixel tiles
     DEPTHWISE_NCHWC_RULE: (depthwise_nchwc_rule, 8),  # up to 5 pixel tiles
     GROUPED_CONV2D_NCHWC_RULE: (grouped_conv2d_nchwc_rule, 40),  # the dense space, tiles within a group
+    DEPTHWISE_BLOCKED_INT8_RULE: (depthwise_blocked_int8_rule, 8),  # up to 5 pixel tiles
 }
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from typing import List
 
-__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE", "MAX_ACCUMULATORS",
+__all__ = ["CONV2D_NCHWC_RULE", "DEPTHWISE_BLOCKED_INT8_RULE", "DEPTHWISE_NCHWC_RULE", "GROUPED_CONV2D_NCHWC_RULE",
+           "MAX_ACCUMULATORS",
            "parallel_copy", "tile_candidates", "write_back_at"]
 
 CONV2D_NCHWC_RULE = "graphopt_conv2d_nchwc"
 DEPTHWISE_NCHWC_RULE = "graphopt_depthwise_conv2d_nchwc"
 GROUPED_CONV2D_NCHWC_RULE = "graphopt_grouped_conv2d_nchwc"
+DEPTHWISE_BLOCKED_INT8_RULE = "graphopt_depthwise_blocked_int8"  # targets/int8/kernels.depthwise_blocked
 MAX_ACCUMULATORS = 28  # vector registers for the output tile (32 on AVX-512 and NEON, minus operands)
 
 

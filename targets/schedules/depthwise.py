@@ -28,7 +28,7 @@ from typing import List
 
 from .common import parallel_copy, tile_candidates, write_back_at
 
-__all__ = ["depthwise_nchwc_rule"]
+__all__ = ["depthwise_blocked_int8_rule", "depthwise_nchwc_rule"]
 
 MAX_TILE = 16      # wider pixel tiles were slower on every layer measured (register pressure)
 MAX_UNROLLED_TAPS = 25
@@ -61,3 +61,28 @@ def depthwise_nchwc_rule(sch, block):
     tiles = [t for t in tile_candidates(out_width, 4, MAX_TILE) if t >= 4]
     # no divisor in range (a prime width: 17, 13): one tile that overhangs, the tail predicated
     return [_depthwise(sch, block, tiles or [min(out_width, 8)])]
+
+
+def _depthwise_blocked(sch, block, ow_tiles: List[int]):
+    """The same tile on the int8 kernel's loops ``(n, oh, ow, cb, lane, kh, kw)``; its padding is
+    already a bounds check in the load (the compute reads the blocked input directly)."""
+    sch = sch.copy()
+    n, oh, ow, cb, lane, kh, kw = sch.get_loops(block)
+    ow_tile = sch.sample_categorical(ow_tiles, [1.0 / len(ow_tiles)] * len(ow_tiles))
+    ow_o, ow_i = sch.split(ow, [None, ow_tile])
+    sch.reorder(n, oh, cb, ow_o, kh, kw, ow_i, lane)
+    sch.parallel(sch.fuse(n, oh, cb))
+    sch = write_back_at(sch, block, ow_o)  # the correction and requantize, per tile
+    sch.vectorize(lane)
+    sch.unroll(ow_i)
+    if int(sch.get(kh).extent) * int(sch.get(kw).extent) <= MAX_UNROLLED_TAPS:
+        sch.unroll(kw)
+        sch.unroll(kh)
+    return sch
+
+
+def depthwise_blocked_int8_rule(sch, block):
+    """Design space for graphopt's int8 ``depthwise_blocked`` block (2-d): the pixel tile."""
+    out_width = int(sch.get(sch.get_loops(block)[2]).extent)
+    tiles = [t for t in tile_candidates(out_width, 4, MAX_TILE) if t >= 4]
+    return [_depthwise_blocked(sch, block, tiles or [min(out_width, 8)])]

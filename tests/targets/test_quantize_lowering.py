@@ -252,3 +252,53 @@ def test_tuned_arm_int8_uses_sdot(tmp_path):
             assert re.search(r"\ssdot\s", _disassembly(opt.compiled, tmp_path, "aarch64-linux-gnu-objdump"))
         finally:
             opt.compiled.close()
+
+
+def _inverted_residual():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(32, 16, 1)).eval()
+    return model, (torch.randn(1, 16, 14, 14),)
+
+
+def _depthwise_kernel_asm(asm: str) -> str:
+    """The disassembly of the compiled depthwise kernel(s) alone."""
+    parts = re.findall(r"^[0-9a-f]+ <([^>]*depthwise_blocked[^>]*)>:\n(.*?)(?=\n\n|\Z)", asm, re.S | re.M)
+    assert parts, "no depthwise_blocked function in the library"
+    return "\n".join(body for _, body in parts)
+
+
+def test_tuned_x86_int8_depthwise_is_vector_code_on_the_blocks(tmp_path):
+    """The hand-written space of the int8 depthwise kernel: 16 channels per vector, the taps
+    unrolled, widening integer multiply-adds (no scalar loop over the channels)."""
+    target = graphopt.get_target("x86")
+    model, inputs = _inverted_residual()
+    opt = graphopt.optimize(model, ["quantize"], target=target.replace(cache_dir=str(tmp_path / "cache")),
+                            example_inputs=inputs, calibration_data=calibration(inputs[0].shape), progress=False,
+                            on_error="raise", tune_trials=8, measure_latency=False)
+    assert torch.equal(opt(*inputs), opt.graph_module(*inputs))
+    asm = _depthwise_kernel_asm(_disassembly(opt.compiled, tmp_path, "objdump"))
+    vector_madds = re.findall(r"\s(vpmulld|vpmaddwd|vpdpbusd|vpdpwssd)\s+%[xyz]mm", asm)
+    assert len(vector_madds) >= 9, "each of the 9 taps should multiply a whole channel block at once"
+
+
+@needs_arm_toolchain
+@pytest.mark.slow
+def test_tuned_arm_int8_depthwise_is_neon_code_on_the_blocks(tmp_path):
+    from graphopt.targets.testing import LoopbackDeviceFarm
+
+    model, inputs = _inverted_residual()
+    base = graphopt.get_target("arm-a55")
+    with LoopbackDeviceFarm(cpu=base.qemu_cpu, key="q8dw-a55") as farm:
+        target = base.replace(tracker=farm.tracker, key=farm.key, cache_dir=str(tmp_path / "cache"))
+        opt = graphopt.optimize(model, ["quantize"], target=target, example_inputs=inputs,
+                                calibration_data=calibration(inputs[0].shape), progress=False, on_error="raise",
+                                tune_trials=8, measure_latency=False)
+        try:
+            assert torch.equal(torch.as_tensor(opt(*inputs)), opt.graph_module(*inputs))
+            asm = _depthwise_kernel_asm(_disassembly(opt.compiled, tmp_path, "aarch64-linux-gnu-objdump"))
+            neon_madds = re.findall(r"\s(smlal2?|mla|sdot|smull2?)\s+v\d+\.4s", asm)
+            assert len(neon_madds) >= 9, "each tap should multiply-add whole channel blocks in NEON registers"
+        finally:
+            opt.compiled.close()

@@ -26,6 +26,7 @@ Needs an environment with timm (``pip install torch==2.14.1 torchvision==0.29.1 
     python scripts/timm_suite.py                          # every model -> docs/timm_suite.{md,json}
     python scripts/timm_suite.py --models resnet18,lcnet_050 --skip-arm   # merged into the JSON
     python scripts/timm_suite.py --quick                  # graph passes only, no compilation
+    python scripts/timm_suite.py --outside --models hardcorenas_a,spnasnet_100 --out docs/timm_outside.md
 """
 from __future__ import annotations
 
@@ -604,6 +605,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", help="comma-separated names (default: all of tests/timm_zoo.py); merged into an existing JSON")
     p.add_argument("--out", default=str(ROOT / "docs" / "timm_suite.md"), help="markdown table; the JSON goes beside it")
+    p.add_argument("--outside", action="store_true",
+                   help="--models may name any timm model, not only those of tests/timm_zoo.py (write with --out elsewhere)")
     p.add_argument("--skip-arm", action="store_true", help="no ARM builds")
     p.add_argument("--skip-int8", action="store_true", help="no int8")
     p.add_argument("--quick", action="store_true", help="graph passes only (capture, fuse, prune): no compilation")
@@ -621,6 +624,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     known = list(timm_zoo.MODELS) + list(timm_zoo.UNTRACEABLE)
     names = args.models.split(",") if args.models else known
     unknown = [n for n in names if n not in known]
+    if unknown and args.outside:  # models the test suite does not list: any timm name
+        import timm
+
+        unknown = [n for n in unknown if not timm.is_model(n)]
     if unknown:
         p.error(f"not in tests/timm_zoo.py: {', '.join(unknown)} (known: {', '.join(known)})")
     arm = set(known if args.arm_models == "all" else (args.arm_models.split(",") if args.arm_models else timm_zoo.ARM_MODELS))
@@ -639,12 +646,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         start = time.perf_counter()
         print(f"{name}: {', '.join(steps)}", flush=True)
         results = run_model(name, steps, log_dir, args)
-        models[name] = {"pattern": timm_zoo.MODELS.get(name) or f"untraceable ({timm_zoo.UNTRACEABLE[name]})",
+        models[name] = {"pattern": timm_zoo.MODELS.get(name) or (f"untraceable ({timm_zoo.UNTRACEABLE[name]})"
+                                                                 if name in timm_zoo.UNTRACEABLE else "outside the test suite"),
                         "commit": env["commit"], "seconds": round(time.perf_counter() - start, 1),
                         "steps": {s: results[s] for s in steps if s in results}}
         doc = {"environment": env, "options": {"prune_ratio": PRUNE_RATIO, "calibration": [CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE],
                                                 "agreement_inputs": AGREEMENT_INPUTS, "timeouts": TIMEOUTS},
-               "models": {n: models[n] for n in known if n in models}}
+               "models": {n: models[n] for n in known + sorted(set(models) - set(known)) if n in models}}
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")  # after every model: a partial run is kept
         out_md.write_text(render(doc))

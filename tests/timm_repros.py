@@ -310,7 +310,8 @@ def check_prune(model, x, leaf_modules=()) -> str:
 
 
 def check_prune_with_leaf(model, x) -> str:
-    """As the CaptureError advises: Conv2dSame kept as a leaf (an nn.Conv2d subclass)."""
+    """Conv2dSame kept as a leaf explicitly (capture now does it by itself, then makes the
+    padding static: graphopt/static_padding.py)."""
     return check_prune(model, x, leaf_modules=[Conv2dSame])
 
 

@@ -233,15 +233,15 @@ class Target:
 
     # --- phases ----------------------------------------------------------------------------
 
-    def lower(self, gm, example_inputs: Sequence):
+    def lower(self, gm, example_inputs: Sequence, tune_trials: Optional[int] = None):
         """fx.GraphModule -> :class:`~graphopt.targets.lowering.LoweredModel` (Relax + weights).
 
-        Masked layers run graphopt's sparse kernels where they time faster here
-        (:mod:`graphopt.targets.sparse.choice`)."""
+        Masked layers run graphopt's sparse kernels where they time faster here than the dense
+        kernel built with ``tune_trials`` (:mod:`graphopt.targets.sparse.choice`)."""
         from .lowering import lower
         from .sparse.choice import plan_for
 
-        return lower(gm, tuple(example_inputs), sparse=plan_for(self))
+        return lower(gm, tuple(example_inputs), sparse=plan_for(self, tune_trials))
 
     def tune(self, lowered, trials: Optional[int], *, progress: Optional[Callable] = None,
              log: Optional[logging.Logger] = None):
@@ -293,7 +293,7 @@ class Target:
         logger = log or _log
         self.check_toolchain()
         start = time.perf_counter()
-        lowered = self.lower(gm, example_inputs)
+        lowered = self.lower(gm, example_inputs, tune_trials)
         logger.info("%s: lowered to Relax in %.1f s (%d weights)", self.name,
                     time.perf_counter() - start, len(lowered.params))
         prepared, database, info = self.tune(lowered, tune_trials, progress=progress, log=logger)

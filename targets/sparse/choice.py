@@ -2,11 +2,13 @@
 
 A layer runs sparse only where graphopt's sparse kernel was measured faster than graphopt's
 dense build of the same layer on the target (the way ``separable_conv`` times layers): both
-variants of the layer alone are lowered, built through the same pipeline (untuned: TVM's
-default schedules, as ``tune_trials=0`` builds; a tuned dense kernel can be faster) and timed
-with the runtime thread count. The decision is cached per process by target and
-:meth:`~.lowering.LayerSpec.key` (kind, input and weight shapes, block, kept blocks), so the
-report's per-pass latency builds and a second compile cost nothing. Under qemu nothing is
+variants of the layer alone are lowered, built through the same pipeline and timed with the
+runtime thread count. The dense one is built as the model will be: untuned (TVM's default
+schedules) when the compile is, else tuned with up to :data:`LAYER_TRIALS` trials through the
+target's tuning cache (the whole model's tuning then finds those records: the same task).
+The sparse kernels are pre-scheduled (no tuning). The decision is cached per process by
+target, tuning budget and :meth:`~.lowering.LayerSpec.key` (kind, input and weight shapes,
+block, kept blocks), so the report's per-pass latency builds and a second compile cost nothing. Under qemu nothing is
 timed (emulated timings mean nothing) and every layer stays dense, with that reason.
 
 A layer faster alone can still make the model slower (x86 runs convolutions in blocked
@@ -29,12 +31,14 @@ from typing import Dict, Optional, Tuple
 
 from .lowering import LayerSpec, Policy, SparsePlan
 
-__all__ = ["MARGIN", "check_whole_model", "clear_decisions", "plan_for", "policy_for", "time_layer"]
+__all__ = ["LAYER_TRIALS", "MARGIN", "check_whole_model", "clear_decisions", "plan_for", "policy_for", "time_layer"]
 
 log = logging.getLogger("graphopt.targets")
 
 #: sparse must take at most this fraction of the dense time (a tie is noise: dense is the default)
 MARGIN = 0.95
+#: the most trials the dense variant of one layer is tuned with (a 1x1 conv or linear is one task)
+LAYER_TRIALS = 64
 REPEAT, WARMUP = 10, 2
 
 _DECISIONS: Dict[Tuple, Tuple[bool, Optional[float], Optional[float], str]] = {}
@@ -50,8 +54,9 @@ def forced(sparse: bool) -> Policy:
     return lambda spec: (sparse, None, None, "forced " + ("sparse" if sparse else "dense"))
 
 
-def time_layer(target, spec: LayerSpec, sparse: bool, *, repeat: int = REPEAT) -> float:
-    """Median ms of ``spec``'s layer alone, built for ``target`` with the sparse or dense kernel."""
+def time_layer(target, spec: LayerSpec, sparse: bool, *, repeat: int = REPEAT, tune_trials: int = 0) -> float:
+    """Median ms of ``spec``'s layer alone, built for ``target`` with the sparse or dense kernel
+    (the dense one tuned with ``tune_trials``, through the target's cache)."""
     import torch
     import torch.fx as fx
 
@@ -61,24 +66,27 @@ def time_layer(target, spec: LayerSpec, sparse: bool, *, repeat: int = REPEAT) -
     x = torch.randn(spec.input_shape)
     plan = SparsePlan(forced(sparse), lanes=target.preferred_channel_multiple, threads=target.runtime_threads)
     lowered = lower(gm, (x,), sparse=plan)
-    prepared, database, info = target.tune(lowered, 0, log=log)
+    prepared, database, info = target.tune(lowered, 0 if sparse else tune_trials, log=log)
     with target.build(lowered, prepared, database, tuning=info, log=log) as compiled:
         return compiled.benchmark(repeat=repeat, warmup=WARMUP).median_ms
 
 
-def policy_for(target) -> Policy:
-    """The timing policy for ``target`` (module docstring)."""
+def policy_for(target, tune_trials: Optional[int] = None) -> Policy:
+    """The timing policy for ``target`` (module docstring): dense timed tuned when ``tune_trials``."""
+    trials = min(int(tune_trials or 0), LAYER_TRIALS)
+    dense_kind = f"tuned dense ({trials} trials)" if trials else "untuned dense"
+
     def decide(spec: LayerSpec):
         if target.emulated:
             return False, None, None, (f"{target.name} runs under qemu emulation here: its timings mean "
                                        "nothing, so the dense kernel is kept")
-        key = (target.cache_key(), spec.key())
+        key = (target.cache_key(), trials, spec.key())
         if key not in _DECISIONS:
-            dense_ms = time_layer(target, spec, sparse=False)
+            dense_ms = time_layer(target, spec, sparse=False, tune_trials=trials)
             sparse_ms = time_layer(target, spec, sparse=True)
             faster = sparse_ms <= MARGIN * dense_ms
             ratio = dense_ms / sparse_ms if sparse_ms > 0 else float("inf")
-            why = (f"sparse {sparse_ms:.3f} ms vs untuned dense {dense_ms:.3f} ms ({ratio:.2f}x)"
+            why = (f"sparse {sparse_ms:.3f} ms vs {dense_kind} {dense_ms:.3f} ms ({ratio:.2f}x)"
                    + ("" if faster else f": not {1 / MARGIN:.2f}x faster, dense kept"))
             _DECISIONS[key] = (faster, dense_ms, sparse_ms, why)
             log.info("%s: layer %s %s", target.name, spec.name, why)
@@ -87,9 +95,10 @@ def policy_for(target) -> Policy:
     return decide
 
 
-def plan_for(target) -> SparsePlan:
+def plan_for(target, tune_trials: Optional[int] = None) -> SparsePlan:
     """What ``Target.lower`` hands the lowering."""
-    return SparsePlan(policy_for(target), lanes=target.preferred_channel_multiple, threads=target.runtime_threads)
+    return SparsePlan(policy_for(target, tune_trials), lanes=target.preferred_channel_multiple,
+                      threads=target.runtime_threads)
 
 
 def check_whole_model(target, gm, example_inputs, compiled, *, tune_trials=None, progress=None, log=log):

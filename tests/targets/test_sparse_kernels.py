@@ -165,6 +165,25 @@ def test_end_to_end_matches_the_pruned_model_and_records_decisions(pruned):
     assert "masked fc (linear, 90% zeros, block 1): sparse kernel" in opt.report.to_text()
 
 
+def test_a_tuned_compile_compares_with_the_tuned_dense_layer(tmp_path):
+    """With tune_trials, each masked layer's dense variant is tuned (a few trials, the target's
+    cache) before it is timed against the sparse kernel: the choice is against the kernel the
+    model would run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    x = torch.randn(1, 256)
+    target = graphopt.get_target("x86").replace(cache_dir=str(tmp_path / "cache"))
+    opt = graphopt.optimize(model, [("prune_weights", {"sparsity": 0.9, "scope": "layer", "prune_last": True,
+                                                       "prune_first": True})],
+                            target, example_inputs=(x,), progress=False, measure_latency=False, tune_trials=4)
+    try:
+        records = opt.compiled.summary()["sparse_layers"]
+        assert records and all("tuned dense (4 trials)" in r["reason"] for r in records), records
+        assert rel_err(opt.compiled(x), opt.graph_module(x)) < 1e-4
+    finally:
+        opt.compiled.close()
+
+
 def test_decisions_are_cached_by_shape_and_pattern(pruned, monkeypatch):
     opt, x = pruned
     monkeypatch.setattr(choice, "time_layer", lambda *a, **k: pytest.fail("timed again"))

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import GraphoptError
+from .errors import GraphoptError, InvalidArgumentError
 from .pass_registry import get_pass, list_passes, parse_pass_string
 from .target_registry import list_targets
 
@@ -115,16 +115,40 @@ def _write_outputs(opt, args) -> None:
         print(f"results written to {args.out}/")
 
 
+def budget_from(args, recovery: bool, default_drop: Optional[float] = None):
+    """``--budget`` / ``--max-drop`` as a :class:`graphopt.Budget`, or None without ``--budget``.
+
+    ``recovery``: the command has data to recover candidates on (the demo); ``optimize`` runs on
+    random inputs only, so its candidates are judged as cut (recovery needs real batches).
+    ``default_drop``: the accuracy budget when ``--max-drop`` is not given (the demo: one point)."""
+    import graphopt
+
+    if args.budget is None:
+        if args.max_drop is not None:
+            raise InvalidArgumentError("--max-drop limits the latency search: give --budget too (e.g. --budget 0.5)")
+        return None
+    kind, value = args.budget
+    extra = {} if recovery else {"recovery_batches": 0, "final_recovery": 0}
+    drop = args.max_drop if args.max_drop is not None else default_drop
+    return graphopt.Budget(**{kind: value}, max_drop=drop, **extra)
+
+
 def cmd_optimize(args) -> int:
     import graphopt
 
     check_output_paths(args)
     shapes = [parse_shape(s) for s in args.input_shape]
     passes = parse_pass_string(args.passes) if args.passes else None
+    if args.max_drop is not None:
+        raise InvalidArgumentError(
+            "--max-drop needs accuracy, which `graphopt optimize` cannot measure (random inputs, no eval "
+            "function): leave it out (the search then ranks candidates by output error), or use the Python "
+            "API's eval_fn=")
+    budget = budget_from(args, recovery=False)
     model = load_model(args.model, args.weights)
     inputs = tuple(torch.randn(*shape) for shape in shapes)
     opt = graphopt.optimize(model, passes, args.target, example_inputs=inputs, tune_trials=args.tune_trials,
-                            on_error=args.on_error)
+                            on_error=args.on_error, budget=budget)
     print(opt.report.to_text(diffs=args.diff))
     _write_outputs(opt, args)
     return 0
@@ -173,9 +197,12 @@ def cmd_demo(args) -> int:
     from .models import default_example_inputs, evaluate_accuracy, load_default_model
 
     check_output_paths(args)
+    budget = budget_from(args, recovery=True, default_drop=0.01)
     model = load_default_model()
     train = fashion_mnist_batches("train", batch_size=128, limit=DEMO_TRAIN_IMAGES)
     passes, missing = demo_pipeline(list_passes(), train)
+    if budget is not None:  # the search decides what to cut: fusion first, then the target in the loop
+        passes, missing = ["fuse_conv_bn"], []
     if missing:
         print(f"(not installed, left out of the demo: {', '.join(missing)})")
     limit = args.eval_images
@@ -187,7 +214,7 @@ def cmd_demo(args) -> int:
           f"every pass; target {args.target or 'none (PyTorch)'}")
     opt = graphopt.optimize(model, passes, args.target, example_inputs=default_example_inputs(),
                             calibration_data=calibration_batches(8, 64), eval_fn=eval_fn,
-                            tune_trials=args.tune_trials)
+                            tune_trials=args.tune_trials, budget=budget)
     print(opt.report.to_text(diffs=args.diff))
     if opt.compiled is not None:
         acc = evaluate_accuracy(opt.compiled, limit=limit, batch_size=1)
@@ -206,6 +233,16 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative: give 0 (no tuning) or more")
     return value
+
+
+def _budget(text: str) -> Tuple[str, float]:
+    """argparse type: ``0.5`` (a fraction of the starting latency) or ``2.5ms``."""
+    kind = "latency_ms" if text.endswith("ms") else "latency"
+    try:
+        return kind, float(text[:-2] if kind == "latency_ms" else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a fraction of the starting latency (0.5) nor milliseconds (2.5ms)") from None
 
 
 def _positive(text: str) -> int:
@@ -228,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--report", help="write the report here (.html, or .json)")
         sp.add_argument("--out", help="directory for report.json, report.html, graph_module.pt and the artifact")
         sp.add_argument("--diff", action="store_true", help="print each pass's code diff")
+        sp.add_argument("--budget", type=_budget, help="latency search to this latency on the target: a "
+                        "fraction of the starting one (0.5) or milliseconds (2.5ms); docs/latency_search.md")
+        sp.add_argument("--max-drop", type=float, help="with --budget: the largest accuracy drop accepted (0.01)")
 
     o = sub.add_parser("optimize", help="optimize a model given as file.py:factory or module:factory")
     o.add_argument("model")

@@ -135,3 +135,25 @@ def test_demo_pipeline_leaves_out_what_is_not_installed():
     chosen, missing = demo_pipeline(["fuse_conv_bn", "distill", "dce"], train_data=["batches"])
     assert chosen == ["fuse_conv_bn", ("distill", {"epochs": 2, "train_data": ["batches"]}), "dce"]
     assert missing == ["prune_channels", "quantize"]
+
+
+def test_optimize_with_a_latency_budget_runs_the_search(model_file, tmp_path):
+    out = graphopt_cli("optimize", f"{model_file}:small", "--input-shape", "1,3,16,16", "--passes", "fuse_conv_bn",
+                       "--target", "x86", "--tune-trials", "0", "--budget", "0.8", "--out", str(tmp_path / "o"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [r["name"] for r in data["records"]] == ["fuse_conv_bn", "latency_search"]
+    search = data["records"][1]["data"]["search"]
+    assert search["budget"]["latency"] == 0.8 and search["budget"]["recovery_batches"] == 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--budget", "fast"], "neither a fraction of the starting latency (0.5) nor milliseconds"),
+    (["--budget", "1.5"], "strictly between 0 and 1"),
+    (["--budget", "0.5"], "budget needs a target"),
+    (["--budget", "0.5", "--target", "x86", "--max-drop", "0.01"], "--max-drop needs accuracy"),
+    (["--max-drop", "0.01"], "--max-drop needs accuracy"),
+])
+def test_bad_budgets_exit_2_before_any_work(model_file, args, msg):
+    out = graphopt_cli("optimize", f"{model_file}:small", "--input-shape", "1,3,8,8", *args)
+    assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr

@@ -186,7 +186,14 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"graphopt optimizes torch.nn.Module objects, got {type(model).__name__}")
     check_finite_weights(model)
-    model = copy.deepcopy(model).eval()
+    try:
+        model = copy.deepcopy(model).eval()
+    except Exception as e:  # noqa: BLE001: tensors that cannot be copied (non-leaf attributes)
+        raise CaptureError(
+            f"cannot copy the model ({type(e).__name__}: {str(e).splitlines()[0]}): graphopt works on a "
+            "deep copy so that the caller's model is never modified. A common cause is the deprecated "
+            "torch.nn.utils.weight_norm: use torch.nn.utils.parametrizations.weight_norm, or call "
+            "torch.nn.utils.remove_weight_norm(module) before optimizing") from e
     if fx.Tracer().is_leaf_module(model, ""):
         model = torch.nn.Sequential(model)  # a bare torch.nn layer: trace it as a call, not its internals
     with torch.no_grad():

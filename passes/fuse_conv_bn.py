@@ -17,6 +17,7 @@ import torch.nn as nn
 import graphopt
 
 from .batch_norms import Norm, behind, describe, drop_static_asserts, fold, read_norm, remove_norm, sharing, value_users
+from .weight_folding import fold_computed_weights
 
 #: Which layers fold into a batch norm over a tensor of each rank (the pattern list is data).
 FOLDABLE = {
@@ -97,7 +98,13 @@ def _feeding(gm, part: fx.Node, cat: fx.Node):
     runs_before=("prune_channels", "separable_conv", "quantize"),
 )
 def fuse_conv_bn(gm: fx.GraphModule, ctx: graphopt.PassContext) -> fx.GraphModule:
-    """Fold every foldable inference BatchNorm; explain each one left alone."""
+    """Fold every foldable inference BatchNorm; explain each one left alone. Weights computed
+    from parameters (weight standardization, weight norm) become constants first."""
+    computed = fold_computed_weights(gm)
+    if computed:
+        ctx.note(f"folded {computed} weight(s) computed from parameters on every call (weight "
+                 "standardization, weight norm...) into constant weights: exact at inference; a later "
+                 "training pass trains the folded weights")
     shared = graphopt.shared_weights(gm)
     folded, functional, tails, asserts = 0, 0, 0, 0
     for node in list(gm.graph.nodes):

@@ -53,6 +53,8 @@ from graphopt.analysis.channels.blockers import blockers
 from graphopt.numerics import flat_outputs
 from graphopt.report.text import human
 
+from .weight_folding import fold_computed_weights
+
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor")
 DEFAULT_RATIO = 0.5
 DEFAULT_ROUND_TO = 8
@@ -316,6 +318,10 @@ def prune_channels(gm: fx.GraphModule, ctx: graphopt.PassContext, ratio, target_
     """Cut the least important channels of every prunable channel group."""
     if ratio is None and target_macs is None:
         ratio = DEFAULT_RATIO
+    folded = fold_computed_weights(gm)  # weight standardization: a computed weight has no channels to cut
+    if folded:
+        ctx.note(f"folded {folded} weight(s) computed from parameters (weight standardization...) into "
+                 "constant weights first, so their channels can be cut")
     if round_to is None:
         caps = ctx.capabilities
         round_to = caps.preferred_channel_multiple if caps is not None else DEFAULT_ROUND_TO

@@ -455,6 +455,40 @@ class TfSameLike(nn.Module):
         return self.head(x).mean((2, 3))
 
 
+class ScaledStdConv2d(nn.Conv2d):
+    """timm.layers.ScaledStdConv2d (NF-Nets): the weight standardized by ``F.batch_norm`` over
+    itself and scaled by a gain, on every call."""
+
+    def __init__(self, *args, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = self.weight[0].numel() ** -0.5
+        self.eps = eps
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class NfNetLike(nn.Module):
+    """NF-RegNet: weight-standardized convs, no BatchNorm, a scaled residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, 32, 3, stride=2, padding=1)
+        self.expand = ScaledStdConv2d(32, 64, 1)
+        self.dw = ScaledStdConv2d(64, 64, 3, padding=1, groups=64)
+        self.project = ScaledStdConv2d(64, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        x = x + 0.2 * self.project(F.gelu(self.dw(F.gelu(self.expand(x)))))
+        return self.head(x.mean((2, 3)))
+
+
 class MobileNetV3Like(nn.Module):
     """timm's MobileNetV3: BatchNormAct2d everywhere (functional batch_norm + rank asserts),
     hard-swish, SE with hard-sigmoid, a 1x1 conv head after the pool, timm's Linear classifier."""
@@ -801,6 +835,7 @@ TIMM_PATTERNS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
     "gates": (GatesLike, (1, 3, 32, 32)),
     "split_attn": (SplitAttnLike, (1, 3, 16, 16)),
     "tf_same": (TfSameLike, (1, 3, 32, 32)),
+    "nfnet": (NfNetLike, (1, 3, 32, 32)),
 }
 
 

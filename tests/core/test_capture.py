@@ -148,3 +148,13 @@ def test_user_model_is_not_mutated(zoo_model):
     assert [type(m) for m in model.modules()] == modules
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v), f"{name}: {k} changed"
+
+
+def test_a_model_that_cannot_be_copied_gets_a_capture_error_saying_why():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated weight_norm, on purpose
+        model = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3)))  # a computed (non-leaf) weight
+    with pytest.raises(graphopt.CaptureError, match="parametrizations.weight_norm"):
+        capture(model, X)

@@ -358,3 +358,20 @@ def test_timm_like_zoo_leaves_no_batch_norm_after_a_conv(name, leaf):
                         for n in left)  # only the identity branches' BNs, on the previous block's ReLU
     kept = [m for m in rec.messages if " kept: " in m]
     assert len(kept) == len(left) and all("is a ReLU, not one of Conv2d" in m for m in kept)
+
+
+def test_weight_standardized_convs_fold_into_constant_weights():
+    """NF-Nets' ScaledStdConv2d computes its weight from parameters on every call: fuse_conv_bn
+    folds that into one weight per conv (exact), the raw weight and gain go, the channel analysis
+    then sees plain functional convs."""
+    model, inputs = zoo.build("nfnet")
+    opt = graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=inputs, progress=False)
+    rec = opt.report["fuse_conv_bn"]
+    assert rec.status == "applied" and any("folded 4 weight(s) computed" in m for m in rec.messages)
+    assert rec.rel_error_vs_original <= 1e-6
+    gm = opt.graph_module
+    assert not any(n.target is torch.nn.functional.batch_norm for n in gm.graph.nodes)
+    names = {name for name, _ in gm.named_parameters()}
+    assert "stem.weight" in names and not any(n.endswith("gain") for n in names)
+    assert rec.params_after == rec.params_before - sum(m.gain.numel() for m in model.modules() if hasattr(m, "gain"))
+    assert torch.equal(model.stem.weight, zoo.build("nfnet")[0].stem.weight)  # the user's model is untouched

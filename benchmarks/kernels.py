@@ -48,9 +48,10 @@ def kernel_bytes(mod) -> int:
                for p in mod["main"].params)
 
 
-def kernel_rows(gm, inputs, threads: int) -> List[dict]:
-    """One row per kernel of ``gm`` worth tuning, slowest total first; ms is None where the cache has no record."""
-    target = graphopt.get_target("x86").replace(num_threads=threads)
+def kernel_rows(gm, inputs, threads: int, cache_dir: Optional[str] = None) -> List[dict]:
+    """One row per kernel of ``gm`` worth tuning, slowest total first; ms is None where the cache
+    (``cache_dir``, default the user's) has no record."""
+    target = graphopt.get_target("x86").replace(num_threads=threads, cache_dir=cache_dir)
     tvm_target = target.tvm()
     load_cpu_intrinsics()
     prepared = prepare(target.lower(gm, inputs).mod, tvm_target, prepack=target.weight_prepack,
@@ -71,10 +72,10 @@ def kernel_rows(gm, inputs, threads: int) -> List[dict]:
     return sorted(rows, key=lambda r: -(r["ms"] or 0) * r["calls"])
 
 
-def model_rows(name: str, threads: int) -> List[dict]:
+def model_rows(name: str, threads: int, cache_dir: Optional[str] = None) -> List[dict]:
     model, inputs = MODELS[name]()
     gm = graphopt.optimize(model, example_inputs=inputs, progress=False).graph_module  # fuse_conv_bn, dce
-    return kernel_rows(gm, inputs, threads)
+    return kernel_rows(gm, inputs, threads, cache_dir)
 
 
 def _family(row) -> str:
@@ -138,10 +139,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--l2-gbps", type=float, help="the L2 bandwidth (default: measured now)")
     parser.add_argument("--peak-gflops", type=float, help="the FMA peak (default: measured now)")
+    parser.add_argument("--cache-dir", help="the tuning cache to read (default: the user's)")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     l2, peak = machine_roofs(args.threads, args.l2_gbps, args.peak_gflops)
-    text = "\n\n".join(render(name, model_rows(name, args.threads), args.top, l2, peak) for name in args.models)
+    text = "\n\n".join(render(name, model_rows(name, args.threads, args.cache_dir), args.top, l2, peak) for name in args.models)
     text += (f"\n\nRoofs ({args.threads} threads): L2 bandwidth {l2:.0f} GB/s (copy kernel, bytes read + written), "
              f"FMA peak {peak:.0f} GFLOP/s, measured by benchmarks/bandwidth.py.")
     print(text)

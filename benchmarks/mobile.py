@@ -105,7 +105,7 @@ def bench_model(name: str, target, args) -> dict:
     for engine, ms in times.items():
         row[engine] = (statistics.median(ms), quantile(ms, 0.1), quantile(ms, 0.9))
     if name == args.kernels:
-        row["kernel_rows"] = kernel_rows(fp32.graph_module, inputs, args.threads)
+        row["kernel_rows"] = kernel_rows(fp32.graph_module, inputs, args.threads, args.cache_dir)
     for opt in (fp32, int8):
         if opt is not None:
             opt.compiled.close()

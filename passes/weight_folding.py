@@ -10,6 +10,7 @@ computation yields. Training afterwards (``distill``) trains the folded weight d
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, List
 
 import torch
@@ -40,7 +41,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, cache: Dict[fx.Node, torch.Tens
     if node in cache:
         return cache[node]
     if node.op == "get_attr":
-        value = getattr_path(gm, node.target)
+        value = operator.attrgetter(node.target)(gm)
     else:
         args = fx.node.map_arg(node.args, lambda a: _evaluate(gm, a, cache))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: _evaluate(gm, a, cache))
@@ -50,13 +51,6 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, cache: Dict[fx.Node, torch.Tens
             value = node.target(*args, **kwargs)
     cache[node] = value
     return value
-
-
-def getattr_path(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def fold_computed_weights(gm: fx.GraphModule) -> int:
@@ -111,7 +105,7 @@ def _free_name(gm: fx.GraphModule, owner: str, role: str, src: fx.Node, reads: L
 
 def _exists(gm: fx.GraphModule, target: str) -> bool:
     try:
-        getattr_path(gm, target)
+        operator.attrgetter(target)(gm)
         return True
     except AttributeError:
         return False

@@ -34,19 +34,33 @@ MAX_TILE = 16      # wider pixel tiles were slower on every layer measured (regi
 MAX_UNROLLED_TAPS = 25
 
 
-def _depthwise(sch, block, ow_tiles: List[int]):
-    sch = sch.copy()
-    n, c, oh, ow, b, kh, kw = sch.get_loops(block)
+def _pixel_tile(sch, block, rows, ow, vector, kh, kw, ow_tiles: List[int]):
+    """The register tile both spaces share: ``ow_tile`` output pixels of one channel block,
+    ``rows`` the parallel loop, the taps unrolled, the epilogue per tile, the block the vector."""
     ow_tile = sch.sample_categorical(ow_tiles, [1.0 / len(ow_tiles)] * len(ow_tiles))
     ow_o, ow_i = sch.split(ow, [None, ow_tile])
-    sch.reorder(n, c, oh, ow_o, kh, kw, ow_i, b)
-    sch.parallel(sch.fuse(n, c, oh))
+    sch.reorder(*rows, ow_o, kh, kw, ow_i, vector)
+    sch.parallel(sch.fuse(*rows))
     sch = write_back_at(sch, block, ow_o)
-    sch.vectorize(b)
+    sch.vectorize(vector)
     sch.unroll(ow_i)
     if int(sch.get(kh).extent) * int(sch.get(kw).extent) <= MAX_UNROLLED_TAPS:
         sch.unroll(kw)
         sch.unroll(kh)
+    return sch
+
+
+def _tiles(out_width: int) -> List[int]:
+    """Pixel tiles: divisors of the width from 4 to 16; a width with none (a prime: 17, 13)
+    gets one tile that overhangs, the tail predicated."""
+    tiles = [t for t in tile_candidates(out_width, 4, MAX_TILE) if t >= 4]
+    return tiles or [min(out_width, 8)]
+
+
+def _depthwise(sch, block, ow_tiles: List[int]):
+    sch = sch.copy()
+    n, c, oh, ow, b, kh, kw = sch.get_loops(block)
+    sch = _pixel_tile(sch, block, (n, c, oh), ow, b, kh, kw, ow_tiles)
     for producer in sch.get_producers(block):  # the padding
         try:
             sch.compute_inline(producer)
@@ -57,32 +71,18 @@ def _depthwise(sch, block, ow_tiles: List[int]):
 
 def depthwise_nchwc_rule(sch, block):
     """Design space for a ``depthwise_conv2d_NCHWc`` block: the pixel tile is a sampled decision."""
-    out_width = int(sch.get(sch.get_loops(block)[3]).extent)
-    tiles = [t for t in tile_candidates(out_width, 4, MAX_TILE) if t >= 4]
-    # no divisor in range (a prime width: 17, 13): one tile that overhangs, the tail predicated
-    return [_depthwise(sch, block, tiles or [min(out_width, 8)])]
+    return [_depthwise(sch, block, _tiles(int(sch.get(sch.get_loops(block)[3]).extent)))]
 
 
 def _depthwise_blocked(sch, block, ow_tiles: List[int]):
     """The same tile on the int8 kernel's loops ``(n, oh, ow, cb, lane, kh, kw)``; its padding is
-    already a bounds check in the load (the compute reads the blocked input directly)."""
+    already a bounds check in the load (the compute reads the blocked input directly), and the
+    epilogue is the correction and requantize."""
     sch = sch.copy()
     n, oh, ow, cb, lane, kh, kw = sch.get_loops(block)
-    ow_tile = sch.sample_categorical(ow_tiles, [1.0 / len(ow_tiles)] * len(ow_tiles))
-    ow_o, ow_i = sch.split(ow, [None, ow_tile])
-    sch.reorder(n, oh, cb, ow_o, kh, kw, ow_i, lane)
-    sch.parallel(sch.fuse(n, oh, cb))
-    sch = write_back_at(sch, block, ow_o)  # the correction and requantize, per tile
-    sch.vectorize(lane)
-    sch.unroll(ow_i)
-    if int(sch.get(kh).extent) * int(sch.get(kw).extent) <= MAX_UNROLLED_TAPS:
-        sch.unroll(kw)
-        sch.unroll(kh)
-    return sch
+    return _pixel_tile(sch, block, (n, oh, cb), ow, lane, kh, kw, ow_tiles)
 
 
 def depthwise_blocked_int8_rule(sch, block):
     """Design space for graphopt's int8 ``depthwise_blocked`` block (2-d): the pixel tile."""
-    out_width = int(sch.get(sch.get_loops(block)[2]).extent)
-    tiles = [t for t in tile_candidates(out_width, 4, MAX_TILE) if t >= 4]
-    return [_depthwise_blocked(sch, block, tiles or [min(out_width, 8)])]
+    return [_depthwise_blocked(sch, block, _tiles(int(sch.get(sch.get_loops(block)[2]).extent)))]

@@ -645,6 +645,19 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+class ScaledBlock(nn.Module):
+    """A functional layer norm over channels and a ConvNeXt-style layer-scale parameter on a residual branch."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.a, self.norm, self.b, self.out = nn.Conv2d(3, c, 1), LayerNorm2d(c), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, 2, 1)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.norm(self.a(x))
+        return self.out(y + self.layer_scale * self.b(y))
+
+
 class LayerNorm(nn.LayerNorm):
     """timm's LayerNorm (channels-last input): F.layer_norm on get_attr parameters."""
 

@@ -383,15 +383,7 @@ def test_contiguous_inside_a_shuffle_keeps_the_mapping():
     assert [list(i) for i in group_with(a, "a").index["param:a.weight:0"]] == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
-class ScaledBlock(nn.Module):
-    def __init__(self, c=8):
-        super().__init__()
-        self.a, self.norm, self.b, self.out = nn.Conv2d(3, c, 1), zoo.LayerNorm2d(c), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, 2, 1)
-        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
-
-    def forward(self, x):
-        y = self.norm(self.a(x))
-        return self.out(y + self.layer_scale * self.b(y))
+ScaledBlock = zoo.ScaledBlock
 
 
 def test_functional_layer_norm_and_layer_scale_parameters_are_channel_parameters():

@@ -434,10 +434,8 @@ def test_pruned_model_compiles_and_matches(target):
 
 
 def test_functional_layer_norm_and_layer_scale_are_cut():
-    from test_channels import ScaledBlock
-
     x = (torch.randn(2, 3, 4, 4),)
-    opt = prune(ScaledBlock(16), x, ratio=0.5)
+    opt = prune(zoo.ScaledBlock(16), x, ratio=0.5)
     gm = opt.graph_module
     assert gm.layer_scale.shape == (8, 1, 1) and gm.norm.weight.shape == (8,)
     assert "layer_norm(permute, (8,)" in gm.code

@@ -25,6 +25,9 @@ It stops when the measured latency is at or under the budget, when every candida
 ``max_drop``, when no group can shrink any more, or after ``max_steps``; then distills for
 ``final_recovery`` epochs (kept only when it does not lower accuracy). Every step goes into the
 report record's ``data["search"]`` and its messages.
+
+With ``Budget(int8=True)`` the current graph's int8 form is also timed and judged at the start
+and after every step, and counts for the budget (passes/search_int8.py).
 """
 from __future__ import annotations
 
@@ -205,7 +208,7 @@ class Search:
         self.int8 = None  # Budget.int8: the current graph's int8 form (passes/search_int8.py)
         if budget.int8:
             self.int8 = self.int8_of(gm)
-            self.int8_start = self.int8
+        self.int8_start = self.int8
 
     def int8_of(self, gm: fx.GraphModule):
         from graphopt.passes.search_int8 import measure  # int8, apart (it imports this module)

@@ -205,15 +205,20 @@ class Search:
         self.floor = None if budget.max_drop is None else self.accuracy - budget.max_drop
         self.ms_per_class: Dict[Tuple[str, ...], float] = {}  # measured, per group (by producers)
         self.steps: List[Dict[str, Any]] = []
-        self.int8 = None  # Budget.int8: the current graph's int8 form (passes/search_int8.py)
-        if budget.int8:
-            self.int8 = self.int8_of(gm)
+        self.int8 = self.int8_best = None  # Budget.int8: the current graph's int8 form, the
+        if budget.int8:                     # fastest within max_drop so far (passes/search_int8.py)
+            self.measure_int8(gm, 0)
         self.int8_start = self.int8
 
-    def int8_of(self, gm: fx.GraphModule):
+    def int8_of(self, gm: fx.GraphModule, step: int = 0):
         from graphopt.passes.search_int8 import measure  # int8, apart (it imports this module)
 
-        return measure(self, gm)
+        return measure(self, gm, step)
+
+    def measure_int8(self, gm: fx.GraphModule, step: int) -> None:
+        self.int8 = q = self.int8_of(gm, step)
+        if q.fits(self.floor) and (self.int8_best is None or q.latency_ms < self.int8_best.latency_ms):
+            self.int8_best = q
 
     def met(self) -> Optional[str]:
         """``"fp32"`` when the current graph meets the budget, ``"int8"`` when only its int8 form
@@ -333,7 +338,7 @@ class Search:
         self.current, self.latency = best.gm, best.latency
         self.accuracy, self.error = best.accuracy, best.error
         if self.int8 is not None:
-            self.int8 = self.int8_of(best.gm)
+            self.measure_int8(best.gm, index)
             record["int8"] = self.int8.to_dict()
         return None
 
@@ -389,18 +394,20 @@ def latency_search(gm: fx.GraphModule, ctx: graphopt.PassContext, budget: Budget
             stop = "budget" if search.met() else "max_steps"
     finally:
         bar.close()
-    int8 = None  # (taken, why) with Budget.int8
+    int8 = None  # (the int8 form returned or None, why) with Budget.int8
     if search.int8 is not None:
         from graphopt.passes.search_int8 import decide
 
         int8 = decide(search)
-    taken = bool(int8 and int8[0])
-    final = search.int8.gm if taken else search.current
+    taken = int8[0] if int8 else None
+    final = taken.gm if taken else search.current
     if taken:  # from here on the search's point is the int8 form's
-        search.accuracy, search.error = search.int8.accuracy, search.int8.error
+        search.accuracy, search.error = taken.accuracy, taken.error
     before_final = (search.accuracy, search.error)
-    if budget.final_recovery and search.steps and any(s["chosen"] for s in search.steps):
-        trial = copy.deepcopy(search.current)
+    source = taken.source if taken else search.current
+    cut = taken.step > 0 if taken else any(s["chosen"] for s in search.steps)  # else nothing to repair
+    if budget.final_recovery and cut:
+        trial = copy.deepcopy(source)
         recover(trial, ctx, search.teacher, search.batches, budget.final_recovery)
         if taken:  # int8 calibrated again on the recovered weights
             point = search.int8_of(trial)
@@ -415,13 +422,13 @@ def latency_search(gm: fx.GraphModule, ctx: graphopt.PassContext, budget: Budget
     final_latency = timed(ctx, final)
     # and once more, outside the cache: does the budget hold on a fresh timing, not only on the
     # one the search chose by (the difference is the machine's noise)
-    changed = bool(search.steps) or taken
+    changed = bool(search.steps) or taken is not None
     retimed = ctx.capabilities.time(final, ctx.example_inputs, ctx.tune_trials) if changed else None
     uniform = []
     if budget.compare_uniform and changed:
         from graphopt.passes.search_compare import uniform_points  # the comparison, apart
 
-        uniform = uniform_points(search, final_latency.median_ms, int8=taken)
+        uniform = uniform_points(search, final_latency.median_ms, int8=taken is not None)
     _report(ctx, search, stop, final_latency, retimed, uniform, int8)
     return final
 
@@ -480,4 +487,5 @@ def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform, int
         "uniform": uniform,
     }
     if int8 is not None:
-        ctx.data["search"]["int8"] = {"start": search.int8_start.to_dict(), "taken": int8[0], "why": int8[1]}
+        ctx.data["search"]["int8"] = {"start": search.int8_start.to_dict(), "taken": int8[0] is not None,
+                                      "step": None if int8[0] is None else int8[0].step, "why": int8[1]}

@@ -7,7 +7,9 @@ registered ``quantize`` pass (at its defaults, on a context of its own, as ``rec
 ``distill``), timed on the target through ``ctx.time`` (reused by structure like every timing)
 and judged like a candidate. The budget is met when that int8 graph meets it within
 ``max_drop``, and the search returns it; the speed-up int8 gives on the current graph also tells
-the fp32 cuts how far they still have to go (:meth:`Int8Point.fp32_goal`).
+the fp32 cuts how far they still have to go (:meth:`Int8Point.fp32_goal`). Short of the budget,
+the fastest int8 form within ``max_drop`` seen on the way is returned when it beats the last
+fp32 graph (a later cut can leave int8 no room in the accuracy budget).
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ from graphopt.passes.latency_search import timed
 
 @dataclasses.dataclass
 class Int8Point:
-    """The int8 form of one fp32 graph: the quantized graph, its latency and its accuracy."""
+    """The int8 form of one fp32 graph (``source``, the search's graph after ``step``; 0: the
+    start): the quantized graph, its latency and its accuracy."""
 
+    source: fx.GraphModule
+    step: int
     gm: fx.GraphModule
     latency: Any  # graphopt.Latency
     accuracy: Optional[float]
@@ -59,11 +64,11 @@ def quantized(gm: fx.GraphModule, ctx: graphopt.PassContext, **options) -> fx.Gr
     return spec.instantiate(spec.resolve_options(options))(out, sub) or out
 
 
-def measure(search, gm: fx.GraphModule) -> Int8Point:
+def measure(search, gm: fx.GraphModule, step: int) -> Int8Point:
     """``gm`` quantized, timed on the target and judged by the search's judge."""
     q = quantized(gm, search.ctx)
     accuracy, error = search.judge(q)
-    return Int8Point(q, timed(search.ctx, q), accuracy, error)
+    return Int8Point(gm, step, q, timed(search.ctx, q), accuracy, error)
 
 
 def check_int8(gm: fx.GraphModule, ctx: graphopt.PassContext) -> None:
@@ -85,21 +90,25 @@ def check_int8(gm: fx.GraphModule, ctx: graphopt.PassContext) -> None:
             "(x86, arm)") from e
 
 
-def decide(search) -> Tuple[bool, str]:
-    """Whether the search returns the int8 form of its last graph, and why: when only that form
-    meets the budget, or when neither does and it is faster within max_drop; never when the
-    fp32 graph meets the budget alone (int8 would only lose accuracy)."""
-    q, fp32_ms = search.int8, search.latency.median_ms
-    acc = "" if q.accuracy is None else f", accuracy {q.accuracy:.4f}"
+def decide(search) -> Tuple[Optional[Int8Point], str]:
+    """The int8 form the search returns (None: its fp32 graph), and why: the current graph's
+    when only it meets the budget; short of the budget, the fastest within max_drop seen on the
+    way when it beats the fp32 graph; never when the fp32 graph meets the budget alone (int8
+    would only lose accuracy)."""
+    q, best, fp32_ms = search.int8, search.int8_best, search.latency.median_ms
     met = search.met()
     if met == "fp32":
-        return False, f"the fp32 graph meets the budget without it ({fp32_ms:.4g} ms <= {search.target_ms:.4g} ms)"
-    if not q.fits(search.floor):
-        return False, (f"the int8 graph ({q.latency_ms:.4g} ms{acc}) would lose more than max_drop "
-                       f"(floor {search.floor:.4f})")
+        return None, f"the fp32 graph meets the budget without it ({fp32_ms:.4g} ms <= {search.target_ms:.4g} ms)"
+    if best is None:
+        acc = "" if q.accuracy is None else f", accuracy {q.accuracy:.4f}"
+        return None, (f"every int8 form measured would lose more than max_drop (floor {search.floor:.4f}; "
+                      f"the last: {q.latency_ms:.4g} ms{acc})")
+    where = "the start" if best.step == 0 else f"step {best.step}"
+    acc = "" if best.accuracy is None else f", accuracy {best.accuracy:.4f}"
     if met == "int8":
-        return True, (f"the int8 graph meets the budget: {q.latency_ms:.4g} ms <= {search.target_ms:.4g} ms "
-                      f"(fp32 {fp32_ms:.4g} ms){acc}")
-    if q.latency_ms < fp32_ms:
-        return True, f"short of the budget, the int8 graph is the faster: {q.latency_ms:.4g} ms (fp32 {fp32_ms:.4g} ms){acc}"
-    return False, f"the int8 graph is not faster: {q.latency_ms:.4g} ms (fp32 {fp32_ms:.4g} ms)"
+        return best, (f"the int8 form of {where} meets the budget: {best.latency_ms:.4g} ms <= "
+                      f"{search.target_ms:.4g} ms (fp32 {fp32_ms:.4g} ms){acc}")
+    if best.latency_ms < fp32_ms:
+        return best, (f"short of the budget, the int8 form of {where} is the fastest within max_drop: "
+                      f"{best.latency_ms:.4g} ms (fp32 {fp32_ms:.4g} ms){acc}")
+    return None, f"no int8 form within max_drop is faster than the fp32 graph ({best.latency_ms:.4g} ms, fp32 {fp32_ms:.4g} ms)"

@@ -308,6 +308,27 @@ def test_int8_over_max_drop_is_not_taken_and_fp32_within_the_budget_needs_none()
     assert "without it" in met["int8"]["why"]
 
 
+def test_short_of_the_budget_the_fastest_int8_form_within_max_drop_is_returned():
+    """int8 fits on the uncut graph only: the fp32 cuts go on, then the start's int8 form wins."""
+    model = convnet()
+    _, _, agreement = data_for(model)
+    full = graphopt.count_params(model)
+
+    def int8_of_a_cut_loses(m):
+        cut = graphopt.count_params(m) < 0.99 * full
+        return agreement(m) - (0.5 if is_int8(m) and cut else 0.0)
+
+    opt = int8_search(model, Int8Target(), True, eval_fn=int8_of_a_cut_loses, latency=0.1)
+    s = search_of(opt)
+    assert s["stopped"] == "max_steps" and any(st["chosen"] for st in s["steps"])
+    assert s["int8"]["taken"] and s["int8"]["step"] == 0 and "short of the budget" in s["int8"]["why"]
+    assert is_int8(opt.graph_module) and graphopt.count_params(opt.graph_module) >= 0.99 * full
+    assert s["final"]["latency_ms"] == s["int8"]["start"]["latency_ms"]
+    assert s["final"]["latency_ms"] < min(st["chosen"]["latency_ms"] for st in s["steps"] if st["chosen"])
+    assert s["final"]["accuracy"] >= s["start"]["accuracy"] - 0.2
+    assert any("not reached" in w for w in opt.report["latency_search"].warnings)
+
+
 def test_int8_on_a_target_that_cannot_lower_it_is_refused_before_any_timing():
     model = convnet()
     target = NoInt8Lowering()

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_docs and args.limit is None:
         note = (f"\nMeasured by `python benchmarks/search.py --budgets {args.budgets} --threads {args.threads} "
-                f"--tune-trials {args.tune_trials}{' --int8' if args.int8 else ''}` (x86, {'untuned' if not args.tune_trials else 'tuned'}; "
+                f"--tune-trials {args.tune_trials}{' --int8' if args.int8 else ''}` "
+                f"(x86, {'untuned' if not args.tune_trials else 'tuned'}; "
                 f"full 10,000-image test set; recovery on {args.calib} x 64 train images, labels unused).\n")
         print(f"\nwrote the table to {write_block('latency_search.md', text + chr(10) + note, heading='## Benchmark')}")
     return 0

@@ -205,8 +205,10 @@ class Search:
         self.floor = None if budget.max_drop is None else self.accuracy - budget.max_drop
         self.ms_per_class: Dict[Tuple[str, ...], float] = {}  # measured, per group (by producers)
         self.steps: List[Dict[str, Any]] = []
-        self.int8 = self.int8_best = None  # Budget.int8: the current graph's int8 form, the
-        if budget.int8:                     # fastest within max_drop so far (passes/search_int8.py)
+        # Budget.int8 (passes/search_int8.py): the current graph's int8 form, and the fastest
+        # int8 form within max_drop so far
+        self.int8 = self.int8_best = None
+        if budget.int8:
             self.measure_int8(gm, 0)
         self.int8_start = self.int8
 
@@ -338,6 +340,7 @@ class Search:
         self.current, self.latency = best.gm, best.latency
         self.accuracy, self.error = best.accuracy, best.error
         if self.int8 is not None:
+            bar.set_postfix_str(f"step {index}: int8")
             self.measure_int8(best.gm, index)
             record["int8"] = self.int8.to_dict()
         return None

@@ -111,4 +111,5 @@ def decide(search) -> Tuple[Optional[Int8Point], str]:
     if best.latency_ms < fp32_ms:
         return best, (f"short of the budget, the int8 form of {where} is the fastest within max_drop: "
                       f"{best.latency_ms:.4g} ms (fp32 {fp32_ms:.4g} ms){acc}")
-    return None, f"no int8 form within max_drop is faster than the fp32 graph ({best.latency_ms:.4g} ms, fp32 {fp32_ms:.4g} ms)"
+    return None, (f"no int8 form within max_drop is faster than the fp32 graph ({best.latency_ms:.4g} ms, "
+                  f"fp32 {fp32_ms:.4g} ms)")

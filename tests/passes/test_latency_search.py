@@ -1,7 +1,7 @@
 """The latency-budget search (issue 15): Budget's checks, the search on a fake target whose
 latency is known (deterministic: budget reached, max_drop kept, every step recorded, timings
 reused; with int8 allowed, a budget channel cuts alone do not reach), the search on x86 untuned
-(a real target in the loop), and the report's plot."""
+(a real target in the loop, fp32 and with int8), and the report's plot."""
 import copy
 import json
 import pathlib
@@ -374,4 +374,23 @@ def test_search_on_x86_untuned_stops_at_the_budget_or_says_why():
         assert any("not reached" in w for w in record.warnings)
     assert s["final"]["accuracy"] >= s["start"]["accuracy"] - 0.5
     assert all(st["candidates"] or st["skipped"] for st in s["steps"])
+    jsonschema.validate(json.loads(opt.report.to_json()), SCHEMA)
+
+
+def test_int8_search_on_x86_untuned_lowers_and_times_the_int8_form():
+    """The x86 target's check_graph takes the quantized graph, and its int8 form is timed."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x, batches, agreement = data_for(model, (3, 16, 16))
+    target = graphopt.get_target("x86").replace(num_threads=1)
+    opt = graphopt.optimize(model, [], target, example_inputs=x, calibration_data=batches, eval_fn=agreement,
+                            progress=False, tune_trials=0,
+                            budget=graphopt.Budget(latency=0.6, max_drop=0.5, max_steps=1, recovery_batches=1,
+                                                   final_recovery=0, int8=True))
+    s = search_of(opt)
+    assert s["int8"]["start"]["latency_ms"] > 0 and s["stopped"] in STOPS
+    assert is_int8(opt.graph_module) == s["int8"]["taken"]
+    if s["int8"]["taken"]:
+        assert s["final"]["accuracy"] >= s["start"]["accuracy"] - 0.5
+        assert opt.compiled is not None   # the int8 result compiles for the target
     jsonschema.validate(json.loads(opt.report.to_json()), SCHEMA)

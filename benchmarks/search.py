@@ -6,7 +6,10 @@ towards the search's final latency (``Budget(compare_uniform=True)``: the same r
 
 Usage:
     python benchmarks/search.py [--budgets 0.5,0.3] [--threads 2] [--tune-trials 0] [--limit N]
-        [--calib 16] [--step 0.1] [--no-docs]
+        [--calib 16] [--step 0.1] [--int8] [--no-docs]
+
+``--int8``: int8 allowed (``Budget(int8=True)``): the search returns the int8 graph when it meets
+the budget, and the uniform baselines are quantized too.
 
 Untuned timings (the default) on a busy machine are noisy; the issue's benchmark wants tuned
 timings (``--tune-trials``) on a quiet one. The docs table is written only for the full test set.
@@ -37,26 +40,27 @@ def run(budget: float, args) -> dict:
         budget=graphopt.Budget(latency=budget, max_drop=args.max_drop, step=args.step,
                                recovery_batches=args.recovery_batches, recovery_lr=args.recovery_lr,
                                final_recovery=args.final_recovery,
-                               compare_uniform=True))
+                               compare_uniform=True, int8=args.int8))
     s = opt.report["latency_search"].data["search"]
     opt.compiled.close()
     best_uniform = max((u for u in s["uniform"] if u["latency_ms"] <= s["final"]["latency_ms"]),
                        key=lambda u: u["accuracy"], default=None)
-    return {"budget": budget, "s": s, "uniform": best_uniform, "seconds": time.perf_counter() - t0,
+    return {"budget": budget, "int8": bool(s.get("int8", {}).get("taken")), "s": s, "uniform": best_uniform,
+            "seconds": time.perf_counter() - t0,
             "widths": [f"{c['producers'][0]} {c['channels_before']}->{c['channels_after']}"
                        for c in (st["chosen"] for st in s["steps"]) if c]}
 
 
 def table(rows) -> str:
-    lines = ["| budget | start | search: latency | accuracy | steps | stopped | uniform at <= that latency | "
-             "accuracy | search - uniform | search time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| budget | start | search: latency | accuracy | steps | int8 | stopped | uniform at <= that latency | "
+             "accuracy | search - uniform | search time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, u = r["s"], r["uniform"]
         diff = "-" if u is None else f"{100 * (s['final']['accuracy'] - u['accuracy']):+.2f} pt"
         lines.append(
             f"| {r['budget']:g}x | {s['start']['latency_ms']:.3f} ms, {100 * s['start']['accuracy']:.2f}% | "
             f"{s['final']['latency_ms']:.3f} ms | {100 * s['final']['accuracy']:.2f}% | "
-            f"{sum(1 for st in s['steps'] if st['chosen'])} | {s['stopped']} | "
+            f"{sum(1 for st in s['steps'] if st['chosen'])} | {'yes' if r['int8'] else 'no'} | {s['stopped']} | "
             + ("-" if u is None else f"ratio {u['ratio']:.3g}: {u['latency_ms']:.3f} ms")
             + " | " + ("-" if u is None else f"{100 * u['accuracy']:.2f}%")
             + f" | {diff} | {r['seconds']:.0f} s |")
@@ -75,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--recovery-batches", type=int, default=4)
     p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--final-recovery", type=int, default=3)
+    p.add_argument("--int8", action="store_true", help="int8 allowed: Budget(int8=True)")
     p.add_argument("--no-docs", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -91,7 +96,8 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_docs and args.limit is None:
         note = (f"\nMeasured by `python benchmarks/search.py --budgets {args.budgets} --threads {args.threads} "
-                f"--tune-trials {args.tune_trials}` (x86, {'untuned' if not args.tune_trials else 'tuned'}; "
+                f"--tune-trials {args.tune_trials}{' --int8' if args.int8 else ''}` "
+                f"(x86, {'untuned' if not args.tune_trials else 'tuned'}; "
                 f"full 10,000-image test set; recovery on {args.calib} x 64 train images, labels unused).\n")
         print(f"\nwrote the table to {write_block('latency_search.md', text + chr(10) + note, heading='## Benchmark')}")
     return 0

@@ -2,7 +2,8 @@
 
 ``optimize(..., budget=Budget(...))`` runs the ``latency_search`` pass after the given passes
 (docs/latency_search.md): step by step it shrinks the channel group whose cut costs the least
-accuracy for the latency it saves, measured on the target, until the latency budget is met.
+accuracy for the latency it saves, measured on the target, until the latency budget is met
+(with ``int8=True``: until the int8 graph of the current graph meets it).
 Every field is checked when the Budget is made; what depends on the rest of the call (a target
 that can time, ``eval_fn`` for ``max_drop``, data to recover on) is checked by
 :func:`check_budget`, which ``optimize`` calls before any work.
@@ -67,6 +68,12 @@ class Budget:
             (0: none).
         compare_uniform: also measure uniform-ratio pruning at the search's final latency and
             put it in the report and its plot (costs a few more builds and recoveries).
+        int8: int8 allowed: at the start and after every step the current graph is also
+            quantized (the ``quantize`` pass at its defaults) and that int8 graph timed and
+            judged; the budget is met when it meets it within ``max_drop``, and the search then
+            returns the int8 graph. ``quantize`` must come last, so int8 is not one of a step's
+            candidates but a last move tried at every step. Needs calibration data and a target
+            whose lowering takes graphopt's int8 ops.
     """
 
     latency: Optional[float] = None
@@ -78,6 +85,7 @@ class Budget:
     recovery_lr: float = 1e-4
     final_recovery: int = 3
     compare_uniform: bool = False
+    int8: bool = False
 
     def __post_init__(self):
         if (self.latency is None) == (self.latency_ms is None):
@@ -105,6 +113,8 @@ class Budget:
         _count("final_recovery", self.final_recovery, 0, "distillation epochs after the search, 0: none")
         if not isinstance(self.compare_uniform, bool):
             raise InvalidArgumentError(f"Budget: compare_uniform must be True or False, got {self.compare_uniform!r}")
+        if not isinstance(self.int8, bool):
+            raise InvalidArgumentError(f"Budget: int8 (int8 allowed) must be True or False, got {self.int8!r}")
 
     def target_ms(self, start_ms: float) -> float:
         """The latency to reach, in milliseconds, given the starting latency."""
@@ -145,6 +155,10 @@ def check_budget(budget: Any, capabilities: Any, eval_fn: Any, has_data: bool) -
         raise InvalidArgumentError(
             f"Budget(max_drop={budget.max_drop}) needs eval_fn to measure accuracy: pass "
             "eval_fn=lambda model: accuracy_of(model) (higher is better), or leave max_drop out")
+    if budget.int8 and not has_data:
+        raise InvalidArgumentError(
+            "Budget(int8=True) quantizes the searched graph, which calibrates on input batches: pass "
+            "calibration_data=[batch, ...] (a few batches of real inputs), or leave int8 out")
     if (budget.recovery_batches or budget.final_recovery) and not has_data:
         raise InvalidArgumentError(
             "the latency search recovers each candidate by distillation, which needs input batches: "

@@ -124,13 +124,14 @@ def budget_from(args, recovery: bool, default_drop: Optional[float] = None):
     import graphopt
 
     if args.budget is None:
-        if args.max_drop is not None:
-            raise InvalidArgumentError("--max-drop limits the latency search: give --budget too (e.g. --budget 0.5)")
+        for flag, value in (("--max-drop", args.max_drop), ("--int8", args.int8 or None)):
+            if value is not None:
+                raise InvalidArgumentError(f"{flag} limits the latency search: give --budget too (e.g. --budget 0.5)")
         return None
     kind, value = args.budget
     extra = {} if recovery else {"recovery_batches": 0, "final_recovery": 0}
     drop = args.max_drop if args.max_drop is not None else default_drop
-    return graphopt.Budget(**{kind: value}, max_drop=drop, **extra)
+    return graphopt.Budget(**{kind: value}, max_drop=drop, int8=args.int8, **extra)
 
 
 def cmd_optimize(args) -> int:
@@ -145,6 +146,10 @@ def cmd_optimize(args) -> int:
             "function): leave it out (the search then ranks candidates by output error), or use the Python "
             "API's eval_fn=")
     budget = budget_from(args, recovery=False)
+    if args.int8:
+        raise InvalidArgumentError(
+            "--int8 calibrates the int8 graph on real input batches, which `graphopt optimize` does not have "
+            "(random inputs): use `graphopt demo --budget 0.5 --int8`, or the Python API's calibration_data=")
     model = load_model(args.model, args.weights)
     inputs = tuple(torch.randn(*shape) for shape in shapes)
     opt = graphopt.optimize(model, passes, args.target, example_inputs=inputs, tune_trials=args.tune_trials,
@@ -268,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--budget", type=_budget, help="latency search to this latency on the target: a "
                         "fraction of the starting one (0.5) or milliseconds (2.5ms); docs/latency_search.md")
         sp.add_argument("--max-drop", type=float, help="with --budget: the largest accuracy drop accepted (0.01)")
+        sp.add_argument("--int8", action="store_true", help="with --budget: int8 allowed (the search tries the "
+                        "int8 form of its graph at every step)")
 
     o = sub.add_parser("optimize", help="optimize a model given as file.py:factory or module:factory")
     o.add_argument("model")

@@ -25,6 +25,9 @@ It stops when the measured latency is at or under the budget, when every candida
 ``max_drop``, when no group can shrink any more, or after ``max_steps``; then distills for
 ``final_recovery`` epochs (kept only when it does not lower accuracy). Every step goes into the
 report record's ``data["search"]`` and its messages.
+
+With ``Budget(int8=True)`` the current graph's int8 form is also timed and judged at the start
+and after every step, and counts for the budget (passes/search_int8.py).
 """
 from __future__ import annotations
 
@@ -170,7 +173,8 @@ class Judge:
         return accuracy if accuracy is not None else -error
 
 
-def _timed(ctx, gm) -> Any:
+def timed(ctx, gm) -> Any:
+    """``ctx.time(gm)``, which the search cannot do without: a clear error when there is none."""
     timing = ctx.time(gm)
     if timing is None or not math.isfinite(timing.median_ms):
         raise graphopt.TargetError(f"{ctx.capabilities.name} returned no latency for a candidate")
@@ -193,7 +197,7 @@ class Search:
         self.judge = Judge(ctx, self.teacher)
         self.start = copy.deepcopy(gm)  # what uniform pruning starts from, for the comparison
         self.current = gm
-        self.latency = _timed(ctx, gm)
+        self.latency = timed(ctx, gm)
         self.start_ms = self.latency.median_ms
         self.target_ms = budget.target_ms(self.start_ms)
         self.accuracy, self.error = self.judge(gm)
@@ -201,6 +205,38 @@ class Search:
         self.floor = None if budget.max_drop is None else self.accuracy - budget.max_drop
         self.ms_per_class: Dict[Tuple[str, ...], float] = {}  # measured, per group (by producers)
         self.steps: List[Dict[str, Any]] = []
+        # Budget.int8 (passes/search_int8.py): the current graph's int8 form, and the fastest
+        # int8 form within max_drop so far
+        self.int8 = self.int8_best = None
+        if budget.int8:
+            self.measure_int8(gm, 0)
+        self.int8_start = self.int8
+
+    def int8_of(self, gm: fx.GraphModule, step: int = 0):
+        from graphopt.passes.search_int8 import measure  # int8, apart (it imports this module)
+
+        return measure(self, gm, step)
+
+    def measure_int8(self, gm: fx.GraphModule, step: int) -> None:
+        self.int8 = q = self.int8_of(gm, step)
+        if q.fits(self.floor) and (self.int8_best is None or q.latency_ms < self.int8_best.latency_ms):
+            self.int8_best = q
+
+    def met(self) -> Optional[str]:
+        """``"fp32"`` when the current graph meets the budget, ``"int8"`` when only its int8 form
+        does (within max_drop), else None."""
+        if self.latency.median_ms <= self.target_ms:
+            return "fp32"
+        if self.int8 is not None and self.int8.fits(self.floor) and self.int8.latency_ms <= self.target_ms:
+            return "int8"
+        return None
+
+    def goal_ms(self) -> float:
+        """The fp32 latency the cuts work towards: the budget, or with int8 (within max_drop) the
+        latency at which the int8 form would meet it."""
+        if self.int8 is not None and self.int8.fits(self.floor):
+            return self.int8.fp32_goal(self.latency.median_ms, self.target_ms)
+        return self.target_ms
 
     # one group: predict the cut, build it, time it, correct -----------------------------------
     def propose(self, group: ChannelGroup, aim_ms: float) -> Tuple[Optional[Candidate], str]:
@@ -223,7 +259,7 @@ class Search:
                 if kept is None:
                     break
             gm = shrink(self.current, group.id, kept, self.x)
-            timing = _timed(self.ctx, gm)
+            timing = timed(self.ctx, gm)
             tried += 1
             saved = self.latency.median_ms - timing.median_ms
             if saved > 0:
@@ -272,9 +308,9 @@ class Search:
 
     def step(self, index: int, bar) -> Optional[str]:
         """One step; the reason to stop, or None to go on."""
-        if self.latency.median_ms <= self.target_ms:
+        if self.met():
             return "budget"
-        aim = max(self.latency.median_ms * (1 - self.budget.step), self.target_ms)
+        aim = max(self.latency.median_ms * (1 - self.budget.step), self.goal_ms())
         analysis = analyze_channels(self.current, self.x, frozen_modules=frozen_modules(self.current))
         groups = analysis.prunable_groups()
         cands, skipped = [], []
@@ -291,6 +327,8 @@ class Search:
             "step": index, "latency_before_ms": self.latency.median_ms, "aim_ms": aim,
             "candidates": [self._cand_dict(c) for c in cands], "skipped": skipped,
         }
+        if self.int8 is not None:
+            record["int8"] = None  # the int8 form of the graph this step chose (none: unchanged)
         if best is None:
             record["chosen"] = None
             self.steps.append(record)
@@ -301,6 +339,10 @@ class Search:
         self.steps.append(record)
         self.current, self.latency = best.gm, best.latency
         self.accuracy, self.error = best.accuracy, best.error
+        if self.int8 is not None:
+            bar.set_postfix_str(f"step {index}: int8")
+            self.measure_int8(best.gm, index)
+            record["int8"] = self.int8.to_dict()
         return None
 
     @staticmethod
@@ -324,6 +366,10 @@ def validate_options(gm: fx.GraphModule, ctx: graphopt.PassContext, budget=None,
     if budget is None:
         raise graphopt.PassOptionError("latency_search: give budget=graphopt.Budget(latency=..., ...)")
     graphopt.budget.check_budget(budget, ctx.capabilities, ctx.eval_fn, bool(ctx.calibration_data))
+    if budget.int8:  # quantize's own checks, and a target whose lowering takes the int8 ops
+        from graphopt.passes.search_int8 import check_int8
+
+        check_int8(gm, ctx)
 
 
 @graphopt.register_pass(
@@ -348,30 +394,45 @@ def latency_search(gm: fx.GraphModule, ctx: graphopt.PassContext, budget: Budget
                 break
             bar.update(1)
         else:
-            stop = "budget" if search.latency.median_ms <= search.target_ms else "max_steps"
+            stop = "budget" if search.met() else "max_steps"
     finally:
         bar.close()
-    final = search.current
+    int8 = None  # (the int8 form returned or None, why) with Budget.int8
+    if search.int8 is not None:
+        from graphopt.passes.search_int8 import decide
+
+        int8 = decide(search)
+    taken = int8[0] if int8 else None
+    final = taken.gm if taken else search.current
+    if taken:  # from here on the search's point is the int8 form's
+        search.accuracy, search.error = taken.accuracy, taken.error
     before_final = (search.accuracy, search.error)
-    if budget.final_recovery and search.steps and any(s["chosen"] for s in search.steps):
-        trial = copy.deepcopy(final)
+    source = taken.source if taken else search.current
+    cut = taken.step > 0 if taken else any(s["chosen"] for s in search.steps)  # else nothing to repair
+    if budget.final_recovery and cut:
+        trial = copy.deepcopy(source)
         recover(trial, ctx, search.teacher, search.batches, budget.final_recovery)
-        acc, err = search.judge(trial)
+        if taken:  # int8 calibrated again on the recovered weights
+            point = search.int8_of(trial)
+            trial, acc, err = point.gm, point.accuracy, point.error
+        else:
+            acc, err = search.judge(trial)
         if Judge.score(acc, err) >= Judge.score(*before_final):
             final, (search.accuracy, search.error) = trial, (acc, err)
         else:
             ctx.note(f"final recovery ({budget.final_recovery} epochs) lowered the score "
                      f"({Judge.score(*before_final):.4g} -> {Judge.score(acc, err):.4g}): not kept")
-    final_latency = _timed(ctx, final)
+    final_latency = timed(ctx, final)
     # and once more, outside the cache: does the budget hold on a fresh timing, not only on the
     # one the search chose by (the difference is the machine's noise)
-    retimed = ctx.capabilities.time(final, ctx.example_inputs, ctx.tune_trials) if search.steps else None
+    changed = bool(search.steps) or taken is not None
+    retimed = ctx.capabilities.time(final, ctx.example_inputs, ctx.tune_trials) if changed else None
     uniform = []
-    if budget.compare_uniform and search.steps:
+    if budget.compare_uniform and changed:
         from graphopt.passes.search_compare import uniform_points  # the comparison, apart
 
-        uniform = uniform_points(search, final_latency.median_ms)
-    _report(ctx, search, stop, final_latency, retimed, uniform)
+        uniform = uniform_points(search, final_latency.median_ms, int8=taken is not None)
+    _report(ctx, search, stop, final_latency, retimed, uniform, int8)
     return final
 
 
@@ -379,7 +440,7 @@ def _finite(v: float) -> Optional[float]:
     return v if v is not None and math.isfinite(v) else None
 
 
-def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform) -> None:
+def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform, int8) -> None:
     b = search.budget
     chosen = [s["chosen"] for s in search.steps if s["chosen"]]
     ctx.note(f"latency search on {ctx.capabilities.name}: {search.start_ms:.4g} ms -> budget "
@@ -392,10 +453,15 @@ def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform) -> 
             ctx.note(f"step {s['step']}: no candidate kept ({len(s['candidates'])} measured)")
             continue
         acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"
+        q = s.get("int8")
+        q = "" if not q else (f"; int8: {q['latency_ms']:.4g} ms, accuracy "
+                              + ("-" if q["accuracy"] is None else f"{q['accuracy']:.4f}"))
         ctx.note(f"step {s['step']}: group {c['group']} [{', '.join(c['producers'][:3])}] "
                  f"{c['channels_before']} -> {c['channels_after']} channels, {s['latency_before_ms']:.4g} -> "
                  f"{c['latency_ms']:.4g} ms (aim {s['aim_ms']:.4g}), accuracy {acc}, "
-                 f"{len(s['candidates'])} candidate(s)")
+                 f"{len(s['candidates'])} candidate(s){q}")
+    if int8 is not None:
+        ctx.note(f"int8 {'taken' if int8[0] else 'not taken'}: {int8[1]}")
     ctx.note(f"stopped: {STOPS[stop]}; final {final_latency.median_ms:.4g} ms"
              + (f", accuracy {search.accuracy:.4f} (started at {search.start_accuracy:.4f})"
                 if search.accuracy is not None else f", output error {search.error:.3g}")
@@ -423,3 +489,6 @@ def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform) -> 
         "timings": {"measured": ctx.timings.measured, "reused": ctx.timings.reused},
         "uniform": uniform,
     }
+    if int8 is not None:
+        ctx.data["search"]["int8"] = {"start": search.int8_start.to_dict(), "taken": int8[0] is not None,
+                                      "step": None if int8[0] is None else int8[0].step, "why": int8[1]}

@@ -1,6 +1,7 @@
 """How a record's latency search (``data["search"]``, from the ``latency_search`` pass) is shown:
 a table of its steps in text, and in HTML an inline SVG of accuracy against measured latency
-(the search path, the final point, and uniform-ratio pruning when it was measured).
+(the search path, the final point, uniform-ratio pruning when it was measured, and the int8
+form of each graph on the path when int8 was allowed).
 
 Example:
     >>> s = {"start": {"latency_ms": 10.0, "accuracy": 1.0}, "target_ms": 5.0, "stopped": "budget",
@@ -35,12 +36,15 @@ def search_lines(s: Dict[str, Any]) -> List[str]:
              + (f", timed again {_f(final['retimed_ms'])} ms" if final.get("retimed_ms") is not None else "")
              + "), "
              f"accuracy {_f(start.get('accuracy'))} -> {_f(final.get('accuracy'))}; stopped: {s['stop_reason']}"]
-    rows = [["step", "group", "producers", "channels", "latency ms", "accuracy", "candidates"]]
+    int8 = s.get("int8")
+    rows = [["step", "group", "producers", "channels", "latency ms", "accuracy", "candidates"]
+            + (["int8 ms", "int8 accuracy"] if int8 else [])]
     for st in s["steps"]:
-        c = st["chosen"]
+        c, q = st["chosen"], st.get("int8")
+        tail = ([_f(q["latency_ms"]), _f(q.get("accuracy"))] if q else ["-", "-"]) if int8 else []
         if c is None:
             rows.append([str(st["step"]), "-", "(none kept)", "-", f"{_f(st['latency_before_ms'])}",
-                         "-", str(len(st["candidates"]))])
+                         "-", str(len(st["candidates"]))] + tail)
             continue
         noise = f" ±{c['spread_ms']:.2g}" if c.get("spread_ms") is not None else ""
         rows.append([str(st["step"]), str(c["group"]), ", ".join(c["producers"][:2])
@@ -48,18 +52,22 @@ def search_lines(s: Dict[str, Any]) -> List[str]:
                      f"{c['channels_before']}->{c['channels_after']}",
                      f"{_f(st['latency_before_ms'])}->{_f(c['latency_ms'])}{noise}",
                      _f(c["accuracy"]) if c["accuracy"] is not None else f"err {_f(c['error'], '.2g')}",
-                     str(len(st["candidates"]))])
+                     str(len(st["candidates"]))] + tail)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for u in s.get("uniform") or ():
         lines.append(f"  uniform ratio {u['ratio']:.3g}: {_f(u['latency_ms'])} ms, accuracy {_f(u.get('accuracy'))}")
+    if int8:
+        lines.append(f"  int8 at the start: {_f(int8['start']['latency_ms'])} ms, accuracy "
+                     f"{_f(int8['start'].get('accuracy'))}; {'taken' if int8['taken'] else 'not taken'}: {int8['why']}")
     return lines
 
 
 def search_points(s: Dict[str, Any]) -> Tuple[List[Tuple[float, float]], Optional[Tuple[float, float]],
-                                               List[Tuple[float, float]]]:
-    """(latency ms, score) of the path (start, each kept step), the final point, and uniform
-    pruning; score is the accuracy, or minus the output error when there was no eval_fn."""
+                                               List[Tuple[float, float]], List[Tuple[float, float]]]:
+    """(latency ms, score) of the path (start, each kept step), the final point, uniform
+    pruning, and the int8 forms of the path's graphs; score is the accuracy, or minus the output
+    error when there was no eval_fn."""
     def score(d):
         if d.get("accuracy") is not None:
             return d["accuracy"]
@@ -70,14 +78,16 @@ def search_points(s: Dict[str, Any]) -> Tuple[List[Tuple[float, float]], Optiona
     path = [p for p in path if p[1] is not None]
     final = (s["final"]["latency_ms"], score(s["final"]))
     uniform = [(u["latency_ms"], score(u)) for u in s.get("uniform") or () if score(u) is not None]
-    return path, (final if final[1] is not None else None), uniform
+    int8 = [s["int8"]["start"]] + [st["int8"] for st in s["steps"] if st.get("int8")] if s.get("int8") else []
+    int8 = [(q["latency_ms"], score(q)) for q in int8 if score(q) is not None]
+    return path, (final if final[1] is not None else None), uniform, int8
 
 
 def search_svg(s: Dict[str, Any], width: int = 420, height: int = 260) -> str:
-    """Accuracy (y) against measured latency (x): the path as a line, the final point as a star,
-    uniform pruning as squares, the budget as a dashed vertical line."""
-    path, final, uniform = search_points(s)
-    pts = path + ([final] if final else []) + uniform
+    """Accuracy (y) against measured latency (x): the path as a line, the final point circled,
+    uniform pruning as squares, int8 forms as diamonds, the budget as a dashed vertical line."""
+    path, final, uniform, int8 = search_points(s)
+    pts = path + ([final] if final else []) + uniform + int8
     if not pts:
         return ""
     xs = [p[0] for p in pts] + [s["target_ms"]]
@@ -118,6 +128,9 @@ def search_svg(s: Dict[str, Any], width: int = 420, height: int = 260) -> str:
     for x, y in uniform:
         out.append(f'<rect class="uniform" x="{px(x) - 3.5:.1f}" y="{py(y) - 3.5:.1f}" width="7" height="7" '
                    f'fill="#b36b00"><title>uniform pruning: {x:.4g} ms, {y:.4g}</title></rect>')
+    for x, y in int8:
+        out.append(f'<path class="int8" d="M{px(x):.1f},{py(y) - 4.5:.1f} l4.5,4.5 l-4.5,4.5 l-4.5,-4.5 z" '
+                   f'fill="#7a3fb0"><title>int8: {x:.4g} ms, {y:.4g}</title></path>')
     if final:
         x, y = final
         out.append(f'<circle class="final" cx="{px(x):.1f}" cy="{py(y):.1f}" r="5.5" fill="none" stroke="#17622b" '
@@ -137,6 +150,7 @@ def search_html(s: Dict[str, Any]) -> str:
     legend = ('<p class="legend"><span style="color:#2a6fb0">&#9679; search path</span> '
               '<span style="color:#17622b">&#9675; final</span> '
               + ('<span style="color:#b36b00">&#9632; uniform pruning</span> ' if s.get("uniform") else "")
+              + ('<span style="color:#7a3fb0">&#9670; int8</span> ' if s.get("int8") else "")
               + '<span style="color:#a11">- - budget</span></p>')
     table = "<pre>" + html.escape("\n".join(search_lines(s))) + "</pre>"
     return f"<h3>latency search</h3>{search_svg(s)}{legend}{table}"

@@ -152,6 +152,8 @@ def test_optimize_with_a_latency_budget_runs_the_search(model_file, tmp_path):
     (["--budget", "1.5"], "strictly between 0 and 1"),
     (["--budget", "0.5"], "budget needs a target"),
     (["--budget", "0.5", "--target", "x86", "--max-drop", "0.01"], "--max-drop needs accuracy"),
+    (["--int8"], "--int8 limits the latency search: give --budget"),
+    (["--budget", "0.5", "--target", "x86", "--int8"], "--int8 calibrates the int8 graph on real input batches"),
     (["--max-drop", "0.01"], "--max-drop needs accuracy"),
 ])
 def test_bad_budgets_exit_2_before_any_work(model_file, args, msg):

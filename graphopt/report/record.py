@@ -7,9 +7,10 @@ import math
 import platform
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = "1.5"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules;
+SCHEMA_VERSION = "1.6"  # 1.1: records carry warnings; 1.2: latency noise bands and schedules;
 #                        1.3: masked params; 1.4: records carry `data` (the latency search's steps under "search");
 #                        1.5: `capture` notes (what tracing had to do to the model)
+#                        1.6: the latency search's optional `int8` fields
 
 
 @dataclasses.dataclass

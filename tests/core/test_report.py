@@ -54,7 +54,7 @@ def test_text_table(opt):
 def test_json_validates_against_documented_schema(opt):
     data = json.loads(opt.report.to_json())
     jsonschema.validate(data, schema())
-    assert data["schema_version"] == "1.5"
+    assert data["schema_version"] == "1.6"
     assert data["records"][0]["graph_after"]["nodes"][0]["op"] == "placeholder"
 
 

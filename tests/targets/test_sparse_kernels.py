@@ -15,7 +15,7 @@ from graphopt.sparsity import SparsityPattern, masked_layers, set_mask
 from graphopt.targets.lowering import lower
 from graphopt.targets.sparse import choice
 from graphopt.targets.sparse.kernels import compress
-from graphopt.targets.sparse.lowering import SparsePlan
+from graphopt.targets.sparse.lowering import LayerSpec, SparsePlan
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -189,6 +189,31 @@ def test_decisions_are_cached_by_shape_and_pattern(pruned, monkeypatch):
     monkeypatch.setattr(choice, "time_layer", lambda *a, **k: pytest.fail("timed again"))
     again = graphopt.get_target("x86").lower(opt.graph_module, (x,))
     assert [r["kernel"] for r in again.sparse_layers] == [r["kernel"] for r in opt.compiled.manifest["sparse_layers"]]
+
+
+def test_the_dense_time_of_a_shape_is_measured_once(monkeypatch):
+    """Layers of one shape with different zeros (MobileNetV2's repeated blocks) get one dense
+    timing between them, and a sparse timing each."""
+    choice.clear_decisions()
+    calls = []
+
+    def fake_time(target, spec, sparse, **kw):
+        calls.append((spec.name, sparse))
+        return 1.0 if sparse else 2.0
+
+    monkeypatch.setattr(choice, "time_layer", fake_time)
+    decide = choice.policy_for(graphopt.get_target("x86"))
+    specs = []
+    for name, sparsity in (("a", 0.8), ("b", 0.9)):
+        torch.manual_seed(0)
+        layer = nn.Conv2d(32, 64, 1)
+        w = layer.weight.detach()
+        keep = w.abs() > w.abs().flatten().kthvalue(int(sparsity * w.numel())).values
+        packed = compress((w * keep).reshape(64, -1).numpy(), 1)
+        specs.append(LayerSpec(name, "conv1x1", (1, 32, 8, 8), (64, 32, 1, 1), 1, packed.blocks, sparsity, layer))
+    assert [decide(s)[0] for s in specs] == [True, True]
+    assert calls == [("a", False), ("a", True), ("b", True)]
+    choice.clear_decisions()
 
 
 def test_artifact_is_smaller_and_round_trips(pruned, tmp_path):

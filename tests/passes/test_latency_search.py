@@ -285,7 +285,7 @@ def test_int8_reaches_a_budget_channel_cuts_alone_do_not():
     assert fp32["stopped"] == "max_steps" and fp32["final"]["latency_ms"] > fp32["target_ms"]
     assert "int8" not in fp32 and all("int8" not in st for st in fp32["steps"])  # reports as before
     target = Int8Target()
-    opt = int8_search(model, target, True, compare_uniform=True)
+    opt = int8_search(model, target, True, compare_uniform=True, compare_macs=True)
     s = search_of(opt)
     assert s["stopped"] == "budget", s["stop_reason"]
     assert s["int8"]["taken"] and "meets the budget" in s["int8"]["why"]
@@ -298,8 +298,9 @@ def test_int8_reaches_a_budget_channel_cuts_alone_do_not():
     assert s["final"]["accuracy"] >= s["start"]["accuracy"] - 0.2
     # the fp32 cuts aim at the latency where the int8 form meets the budget, not at the budget
     assert s["steps"][-1]["aim_ms"] > s["target_ms"]
-    # the uniform baseline is quantized too, as the result was
+    # both baselines are quantized too, as the result was (int8 takes 0.4x the latency of its MACs)
     assert s["uniform"] and all(u["latency_ms"] < fp32["start"]["latency_ms"] * 0.5 for u in s["uniform"])
+    assert s["macs"] and all(m["latency_ms"] == pytest.approx(0.4 * m["macs"] / 1e6) for m in s["macs"])
     jsonschema.validate(json.loads(opt.report.to_json()), SCHEMA)
     record = opt.report["latency_search"]
     assert any(m.startswith("int8 taken:") for m in record.messages)

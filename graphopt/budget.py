@@ -68,6 +68,9 @@ class Budget:
             (0: none).
         compare_uniform: also measure uniform-ratio pruning at the search's final latency and
             put it in the report and its plot (costs a few more builds and recoveries).
+        compare_macs: also measure MAC-budget pruning (``prune_channels``' ``target_macs``,
+            one global ranking across groups) at the search's final latency, the same way;
+            a separate flag because each baseline costs its own builds and recoveries.
         int8: int8 allowed: at the start and after every step the current graph is also
             quantized (the ``quantize`` pass at its defaults) and that int8 graph timed and
             judged; the budget is met when it meets it within ``max_drop``, and the search then
@@ -86,6 +89,7 @@ class Budget:
     final_recovery: int = 3
     compare_uniform: bool = False
     int8: bool = False
+    compare_macs: bool = False
 
     def __post_init__(self):
         if (self.latency is None) == (self.latency_ms is None):
@@ -113,6 +117,8 @@ class Budget:
         _count("final_recovery", self.final_recovery, 0, "distillation epochs after the search, 0: none")
         if not isinstance(self.compare_uniform, bool):
             raise InvalidArgumentError(f"Budget: compare_uniform must be True or False, got {self.compare_uniform!r}")
+        if not isinstance(self.compare_macs, bool):
+            raise InvalidArgumentError(f"Budget: compare_macs must be True or False, got {self.compare_macs!r}")
         if not isinstance(self.int8, bool):
             raise InvalidArgumentError(f"Budget: int8 (int8 allowed) must be True or False, got {self.int8!r}")
 

@@ -427,12 +427,14 @@ def latency_search(gm: fx.GraphModule, ctx: graphopt.PassContext, budget: Budget
     # one the search chose by (the difference is the machine's noise)
     changed = bool(search.steps) or taken is not None
     retimed = ctx.capabilities.time(final, ctx.example_inputs, ctx.tune_trials) if changed else None
-    uniform = []
-    if budget.compare_uniform and changed:
-        from graphopt.passes.search_compare import uniform_points  # the comparison, apart
+    baselines = {}  # the comparison (passes/search_compare.py): "uniform", "macs" when asked
+    if changed and (budget.compare_uniform or budget.compare_macs):
+        from graphopt.passes.search_compare import baseline_points
 
-        uniform = uniform_points(search, final_latency.median_ms, int8=taken is not None)
-    _report(ctx, search, stop, final_latency, retimed, uniform, int8)
+        for key, asked in (("uniform", budget.compare_uniform), ("macs", budget.compare_macs)):
+            if asked:
+                baselines[key] = baseline_points(search, final_latency.median_ms, key, int8=taken is not None)
+    _report(ctx, search, stop, final_latency, retimed, baselines, int8)
     return final
 
 
@@ -440,7 +442,7 @@ def _finite(v: float) -> Optional[float]:
     return v if v is not None and math.isfinite(v) else None
 
 
-def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform, int8) -> None:
+def _report(ctx, search: Search, stop: str, final_latency, retimed, baselines, int8) -> None:
     b = search.budget
     chosen = [s["chosen"] for s in search.steps if s["chosen"]]
     ctx.note(f"latency search on {ctx.capabilities.name}: {search.start_ms:.4g} ms -> budget "
@@ -487,8 +489,10 @@ def _report(ctx, search: Search, stop: str, final_latency, retimed, uniform, int
                   "retimed_ms": None if retimed is None else retimed.median_ms,
                   "retimed_spread_ms": None if retimed is None else _finite(retimed.spread_ms)},
         "timings": {"measured": ctx.timings.measured, "reused": ctx.timings.reused},
-        "uniform": uniform,
+        "uniform": baselines.get("uniform", []),
     }
+    if "macs" in baselines:
+        ctx.data["search"]["macs"] = baselines["macs"]
     if int8 is not None:
         ctx.data["search"]["int8"] = {"start": search.int8_start.to_dict(), "taken": int8[0] is not None,
                                       "step": None if int8[0] is None else int8[0].step, "why": int8[1]}

@@ -1,7 +1,7 @@
 """How a record's latency search (``data["search"]``, from the ``latency_search`` pass) is shown:
 a table of its steps in text, and in HTML an inline SVG of accuracy against measured latency
-(the search path, the final point, uniform-ratio pruning when it was measured, and the int8
-form of each graph on the path when int8 was allowed).
+(the search path, the final point, uniform-ratio and MAC-budget pruning when they were
+measured, and the int8 form of each graph on the path when int8 was allowed).
 
 Example:
     >>> s = {"start": {"latency_ms": 10.0, "accuracy": 1.0}, "target_ms": 5.0, "stopped": "budget",
@@ -22,6 +22,10 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["search_lines", "search_svg", "search_points"]
+
+#: The baselines a search may hold (``data["search"][key]``) and the ``prune_channels`` option
+#: each point records.
+BASELINES = (("uniform", "ratio"), ("macs", "target_macs"))
 
 
 def _f(v: Optional[float], fmt: str = ".4g") -> str:
@@ -55,8 +59,10 @@ def search_lines(s: Dict[str, Any]) -> List[str]:
                      str(len(st["candidates"]))] + tail)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    for u in s.get("uniform") or ():
-        lines.append(f"  uniform ratio {u['ratio']:.3g}: {_f(u['latency_ms'])} ms, accuracy {_f(u.get('accuracy'))}")
+    for key, option in BASELINES:
+        for u in s.get(key) or ():
+            lines.append(f"  {'uniform ratio' if key == 'uniform' else option} {u[option]:.3g}: "
+                         f"{_f(u['latency_ms'])} ms, accuracy {_f(u.get('accuracy'))}")
     if int8:
         lines.append(f"  int8 at the start: {_f(int8['start']['latency_ms'])} ms, accuracy "
                      f"{_f(int8['start'].get('accuracy'))}; {'taken' if int8['taken'] else 'not taken'}: {int8['why']}")
@@ -64,10 +70,11 @@ def search_lines(s: Dict[str, Any]) -> List[str]:
 
 
 def search_points(s: Dict[str, Any]) -> Tuple[List[Tuple[float, float]], Optional[Tuple[float, float]],
-                                               List[Tuple[float, float]], List[Tuple[float, float]]]:
+                                               List[Tuple[float, float]], List[Tuple[float, float]],
+                                               List[Tuple[float, float]]]:
     """(latency ms, score) of the path (start, each kept step), the final point, uniform
-    pruning, and the int8 forms of the path's graphs; score is the accuracy, or minus the output
-    error when there was no eval_fn."""
+    pruning, the int8 forms of the path's graphs, and MAC-budget pruning; score is the accuracy,
+    or minus the output error when there was no eval_fn."""
     def score(d):
         if d.get("accuracy") is not None:
             return d["accuracy"]
@@ -77,17 +84,19 @@ def search_points(s: Dict[str, Any]) -> Tuple[List[Tuple[float, float]], Optiona
     path += [(st["chosen"]["latency_ms"], score(st["chosen"])) for st in s["steps"] if st["chosen"]]
     path = [p for p in path if p[1] is not None]
     final = (s["final"]["latency_ms"], score(s["final"]))
-    uniform = [(u["latency_ms"], score(u)) for u in s.get("uniform") or () if score(u) is not None]
+    uniform, macs = ([(u["latency_ms"], score(u)) for u in s.get(key) or () if score(u) is not None]
+                     for key in ("uniform", "macs"))
     int8 = [s["int8"]["start"]] + [st["int8"] for st in s["steps"] if st.get("int8")] if s.get("int8") else []
     int8 = [(q["latency_ms"], score(q)) for q in int8 if score(q) is not None]
-    return path, (final if final[1] is not None else None), uniform, int8
+    return path, (final if final[1] is not None else None), uniform, int8, macs
 
 
 def search_svg(s: Dict[str, Any], width: int = 420, height: int = 260) -> str:
     """Accuracy (y) against measured latency (x): the path as a line, the final point circled,
-    uniform pruning as squares, int8 forms as diamonds, the budget as a dashed vertical line."""
-    path, final, uniform, int8 = search_points(s)
-    pts = path + ([final] if final else []) + uniform + int8
+    uniform pruning as squares, MAC-budget pruning as triangles, int8 forms as diamonds, the
+    budget as a dashed vertical line."""
+    path, final, uniform, int8, macs = search_points(s)
+    pts = path + ([final] if final else []) + uniform + int8 + macs
     if not pts:
         return ""
     xs = [p[0] for p in pts] + [s["target_ms"]]
@@ -128,6 +137,9 @@ def search_svg(s: Dict[str, Any], width: int = 420, height: int = 260) -> str:
     for x, y in uniform:
         out.append(f'<rect class="uniform" x="{px(x) - 3.5:.1f}" y="{py(y) - 3.5:.1f}" width="7" height="7" '
                    f'fill="#b36b00"><title>uniform pruning: {x:.4g} ms, {y:.4g}</title></rect>')
+    for x, y in macs:
+        out.append(f'<path class="macs" d="M{px(x):.1f},{py(y) - 4.5:.1f} l4.5,8 l-9,0 z" '
+                   f'fill="#0f8a8a"><title>target_macs pruning: {x:.4g} ms, {y:.4g}</title></path>')
     for x, y in int8:
         out.append(f'<path class="int8" d="M{px(x):.1f},{py(y) - 4.5:.1f} l4.5,4.5 l-4.5,4.5 l-4.5,-4.5 z" '
                    f'fill="#7a3fb0"><title>int8: {x:.4g} ms, {y:.4g}</title></path>')
@@ -150,6 +162,7 @@ def search_html(s: Dict[str, Any]) -> str:
     legend = ('<p class="legend"><span style="color:#2a6fb0">&#9679; search path</span> '
               '<span style="color:#17622b">&#9675; final</span> '
               + ('<span style="color:#b36b00">&#9632; uniform pruning</span> ' if s.get("uniform") else "")
+              + ('<span style="color:#0f8a8a">&#9650; target_macs pruning</span> ' if s.get("macs") else "")
               + ('<span style="color:#7a3fb0">&#9670; int8</span> ' if s.get("int8") else "")
               + '<span style="color:#a11">- - budget</span></p>')
     table = "<pre>" + html.escape("\n".join(search_lines(s))) + "</pre>"

@@ -115,6 +115,7 @@ def search_of(opt):
     ({"latency": 0.5, "final_recovery": 1.5}, "final_recovery"),
     ({"latency": 0.5, "recovery_lr": 0}, "recovery_lr"),
     ({"latency": 0.5, "compare_uniform": "yes"}, "compare_uniform"),
+    ({"latency": 0.5, "compare_macs": 1}, "compare_macs"),
     ({"latency": 0.5, "int8": "yes"}, "int8"),
 ])
 def test_budget_fields_are_checked_when_made(kwargs, match):
@@ -169,7 +170,8 @@ def test_search_reaches_the_budget_within_max_drop_and_records_every_step():
     opt = graphopt.optimize(model, ["fuse_conv_bn"], target, example_inputs=x, calibration_data=batches,
                             eval_fn=agreement, progress=False,
                             budget=graphopt.Budget(latency=0.6, max_drop=0.1, step=0.15,
-                                                   recovery_batches=1, final_recovery=1, compare_uniform=True))
+                                                   recovery_batches=1, final_recovery=1, compare_uniform=True,
+                                                   compare_macs=True))
     s = search_of(opt)
     assert s["stopped"] == "budget", s["stop_reason"]
     again = target.measure_latency(opt.graph_module, x)   # measured again, on the final graph
@@ -199,6 +201,25 @@ def test_search_reaches_the_budget_within_max_drop_and_records_every_step():
     assert all(u["latency_ms"] == pytest.approx(target.measure_latency(
         graphopt.optimize(model, [("prune_channels", {"ratio": u["ratio"], "round_to": 4})], example_inputs=x,
                           progress=False).graph_module, x)) for u in s["uniform"][:1])
+    # MAC-budget pruning (target_macs: the fraction of MACs kept), bisected the same way: each
+    # probe is the midpoint left by the ones before it, moving up when it was at or under
+    final_ms, lo, hi = s["final"]["latency_ms"], 0.0, 1.0
+    by_value = {m["target_macs"]: m for m in s["macs"]}
+    assert len(by_value) == len(s["macs"]) == 4
+    for _ in s["macs"]:
+        m = by_value[(lo + hi) / 2]
+        lo, hi = (m["target_macs"], hi) if m["latency_ms"] <= final_ms else (lo, m["target_macs"])
+    assert any(m["latency_ms"] <= final_ms for m in s["macs"])
+    assert all(m["accuracy"] is not None and m["macs"] > 0 for m in s["macs"])
+    m = s["macs"][0]
+    pruned = graphopt.optimize(model, ["fuse_conv_bn", ("prune_channels", {"target_macs": m["target_macs"],
+                                                                            "round_to": 4})],
+                               example_inputs=x, progress=False).graph_module
+    assert m["latency_ms"] == pytest.approx(target.measure_latency(pruned, x))
+    full = graphopt.count_macs(graphopt.optimize(model, ["fuse_conv_bn"], example_inputs=x, progress=False).graph_module)
+    assert m["macs"] == graphopt.count_macs(pruned) <= m["target_macs"] * full
+    assert f"target_macs {s['macs'][-1]['target_macs']:.3g}: " in text
+    assert page.count('class="macs"') == len(s["macs"]) and "target_macs pruning" in page
     # the user's model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model[0].out_channels == 32
@@ -264,7 +285,7 @@ def test_int8_reaches_a_budget_channel_cuts_alone_do_not():
     assert fp32["stopped"] == "max_steps" and fp32["final"]["latency_ms"] > fp32["target_ms"]
     assert "int8" not in fp32 and all("int8" not in st for st in fp32["steps"])  # reports as before
     target = Int8Target()
-    opt = int8_search(model, target, True, compare_uniform=True)
+    opt = int8_search(model, target, True, compare_uniform=True, compare_macs=True)
     s = search_of(opt)
     assert s["stopped"] == "budget", s["stop_reason"]
     assert s["int8"]["taken"] and "meets the budget" in s["int8"]["why"]
@@ -277,8 +298,9 @@ def test_int8_reaches_a_budget_channel_cuts_alone_do_not():
     assert s["final"]["accuracy"] >= s["start"]["accuracy"] - 0.2
     # the fp32 cuts aim at the latency where the int8 form meets the budget, not at the budget
     assert s["steps"][-1]["aim_ms"] > s["target_ms"]
-    # the uniform baseline is quantized too, as the result was
+    # both baselines are quantized too, as the result was (int8 takes 0.4x the latency of its MACs)
     assert s["uniform"] and all(u["latency_ms"] < fp32["start"]["latency_ms"] * 0.5 for u in s["uniform"])
+    assert s["macs"] and all(m["latency_ms"] == pytest.approx(0.4 * m["macs"] / 1e6) for m in s["macs"])
     jsonschema.validate(json.loads(opt.report.to_json()), SCHEMA)
     record = opt.report["latency_search"]
     assert any(m.startswith("int8 taken:") for m in record.messages)

@@ -87,6 +87,14 @@ class PassContext:
             return None
         return self.timings.time(caps, gm, self.example_inputs, self.tune_trials)
 
+    def time_many(self, gms: Sequence[torch.fx.GraphModule]) -> List[Optional[Latency]]:
+        """:meth:`time` of each graph, in order; on a target with several boards the new
+        structures are measured on several at once (``TargetCapabilities.time_many``)."""
+        caps = self.capabilities
+        if caps is None or not caps.can_measure_latency:
+            return [None] * len(gms)
+        return self.timings.time_many(caps, list(gms), self.example_inputs, self.tune_trials)
+
     def note(self, message: str) -> None:
         """Record a message for the current pass's report entry (e.g. why a layer was skipped)."""
         self.messages.append(message)

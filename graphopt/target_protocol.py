@@ -34,6 +34,13 @@ tune_trials=) -> stats``                tuned with ``tune_trials`` (the artifact
 example_inputs)``                       passes: a graph the target cannot compile (an op it
                                         has no translation for, an output that is not a
                                         tensor) raises then, not after the passes
+``boards`` (int >= 1, or a  ``1``       the latency search: how many devices can time graphs
+callable returning one)                 at once (an RPC tracker's servers under the key);
+                                        read when used, not resolved once
+``benchmark_graphs(gms,     absent      with ``boards`` > 1, :meth:`TargetCapabilities.time_many`:
+example_inputs,                         the statistics of several graphs, built one after the
+tune_trials=) -> [stats]``              other and measured on several devices at once; absent
+                                        (or one board): the graphs are timed one at a time
 =========================== =========== ======================================================
 
 Example:
@@ -52,7 +59,7 @@ import dataclasses
 import logging
 import math
 import weakref
-from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from .errors import InvalidArgumentError
 
@@ -140,6 +147,33 @@ class TargetCapabilities:
             return None
         return Latency(float(stats.median_ms), float(stats.p90_ms - stats.p10_ms), bool(tune_trials))
 
+    def boards(self) -> int:
+        """How many devices can time graphs at once (``boards`` of the target, asked now: an RPC
+        tracker's servers come and go); 1 when the target does not say or cannot time."""
+        if not self.can_measure_latency:
+            return 1
+        value = getattr(self.target, "boards", 1)
+        value = value() if callable(value) else value
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidArgumentError(f"target {self.name!r}: boards must be an int >= 1, got {value!r}")
+        return value
+
+    def time_many(self, gms: Sequence, example_inputs: Sequence,
+                  tune_trials: Optional[int] = None) -> List[Optional[Latency]]:
+        """:meth:`time` of each graph, in order: measured on several devices at once when the
+        target has ``benchmark_graphs`` and more than one board, else one after the other."""
+        gms = list(gms)
+        batch = getattr(self.target, "benchmark_graphs", None)
+        if len(gms) < 2 or not callable(batch) or not callable(getattr(self.target, "benchmark_graph", None)) \
+                or self.boards() < 2:
+            return [self.time(gm, example_inputs, tune_trials) for gm in gms]
+        stats = list(batch(gms, example_inputs, tune_trials=tune_trials))
+        if len(stats) != len(gms):
+            raise InvalidArgumentError(f"target {self.name!r}: benchmark_graphs returned {len(stats)} "
+                                       f"results for {len(gms)} graphs")
+        return [None if st is None else Latency(float(st.median_ms), float(st.p90_ms - st.p10_ms), bool(tune_trials))
+                for st in stats]
+
 
 class TimingCache:
     """Timings by structure signature (code, shapes, dtypes, zeros: ``graphopt.analysis.signature``),
@@ -180,6 +214,25 @@ class TimingCache:
         self.measured += 1
         self.timings[key] = timing = capabilities.time(gm, example_inputs, tune_trials)
         return timing
+
+    def time_many(self, capabilities: "TargetCapabilities", gms: Sequence, example_inputs: Sequence,
+                  tune_trials: Optional[int] = None) -> List[Optional[Latency]]:
+        """:meth:`time` of each graph, in order; the structures not timed before (each once, however
+        often it occurs in ``gms``) measured together with :meth:`TargetCapabilities.time_many`.
+        The counters are those the graphs timed one by one would give."""
+        from .analysis.signature import structure_signature
+
+        keys = [structure_signature(gm, example_inputs, f"{capabilities.name}|{tune_trials or 0}") for gm in gms]
+        new: Dict[str, Any] = {}
+        for key, gm in zip(keys, gms):
+            if key not in self.timings and key not in new:
+                new[key] = gm
+        if new:
+            for key, timing in zip(new, capabilities.time_many(list(new.values()), example_inputs, tune_trials)):
+                self.timings[key] = timing
+        self.measured += len(new)
+        self.reused += len(keys) - len(new)
+        return [self.timings[key] for key in keys]
 
 
 def check_target(target: Any) -> Any:

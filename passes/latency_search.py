@@ -45,9 +45,7 @@ from graphopt import Budget, ChannelGroup, Option, analyze_channels
 from graphopt.analysis.channels import cut
 from graphopt.context import no_progress
 from graphopt.numerics import compare, run
-
-#: Builds per group and step: the first prediction, then corrections from what was measured.
-PROBES = 3
+from graphopt.passes.latency_batch import PROBES, checked, propose_all, propose_one  # noqa: F401 (PROBES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,10 +173,7 @@ class Judge:
 
 def timed(ctx, gm) -> Any:
     """``ctx.time(gm)``, which the search cannot do without: a clear error when there is none."""
-    timing = ctx.time(gm)
-    if timing is None or not math.isfinite(timing.median_ms):
-        raise graphopt.TargetError(f"{ctx.capabilities.name} returned no latency for a candidate")
-    return timing
+    return checked(ctx, ctx.time(gm))
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +200,10 @@ class Search:
         self.floor = None if budget.max_drop is None else self.accuracy - budget.max_drop
         self.ms_per_class: Dict[Tuple[str, ...], float] = {}  # measured, per group (by producers)
         self.steps: List[Dict[str, Any]] = []
+        # devices that time at once (an RPC tracker's servers): with several, the probes of a
+        # step are timed as batches (passes/latency_batch.py); batch_sizes: each batch's graphs
+        self.boards = ctx.capabilities.boards()
+        self.batch_sizes: List[int] = []
         # Budget.int8 (passes/search_int8.py): the current graph's int8 form, and the fastest
         # int8 form within max_drop so far
         self.int8 = self.int8_best = None
@@ -238,53 +237,9 @@ class Search:
             return self.int8.fp32_goal(self.latency.median_ms, self.target_ms)
         return self.target_ms
 
-    # one group: predict the cut, build it, time it, correct -----------------------------------
+    # one group: predict the cut, build it, time it, correct (passes/latency_batch.py) ---------
     def propose(self, group: ChannelGroup, aim_ms: float) -> Tuple[Optional[Candidate], str]:
-        levels = kept_levels(group, self.round_to)
-        if not levels:
-            return None, f"{channels_of(group, group.size)} channels, cannot keep fewer multiples of {self.round_to}"
-        key = tuple(group.producers())
-        need_ms = self.latency.median_ms - aim_ms
-        per_class = self.ms_per_class.get(key)
-        if per_class is None or per_class <= 0:  # cold start: the group's MAC share of the latency
-            macs = graphopt.count_macs(self.current)
-            per_class = macs_saved_per_class(self.current, group, levels, self.x) / max(macs, 1) \
-                * self.latency.median_ms
-        best, tried = None, 0
-        while tried < PROBES:
-            want = group.size - need_ms / max(per_class, 1e-12)
-            kept = next((k for k in levels if k <= want), levels[-1])
-            if best is not None and kept >= best.classes_after:  # no deeper cut left to try
-                kept = next((k for k in levels if k < best.classes_after), None)
-                if kept is None:
-                    break
-            gm = shrink(self.current, group.id, kept, self.x)
-            timing = timed(self.ctx, gm)
-            tried += 1
-            saved = self.latency.median_ms - timing.median_ms
-            if saved > 0:
-                per_class = saved / (group.size - kept)
-                self.ms_per_class[key] = per_class
-            cand = Candidate(group.id, list(key), group.size, kept, channels_of(group, group.size),
-                             channels_of(group, kept), gm, timing, tried)
-            if best is None or timing.median_ms < best.latency_ms:
-                best = cand
-            if timing.median_ms <= aim_ms or kept == levels[-1]:
-                break
-            if saved <= 0:
-                per_class = self.latency.median_ms / group.size / 4  # saw nothing: go deeper
-        if best is None:
-            return None, "no cut to try"
-        best.probes = tried
-        noise = max(self.latency.spread_ms if math.isfinite(self.latency.spread_ms) else 0.0,
-                    best.latency.spread_ms if math.isfinite(best.latency.spread_ms) else 0.0)
-        saved = self.latency.median_ms - best.latency_ms
-        if best.latency_ms > aim_ms:
-            if saved <= noise or saved <= 0:
-                return None, (f"cutting to {best.channels_after} channels saved {saved:.3g} ms, within "
-                              f"the noise ({noise:.3g} ms)")
-            best.short = True
-        return best, ""
+        return propose_one(self, group, aim_ms)
 
     def evaluate(self, cand: Candidate) -> None:
         if self.budget.recovery_batches:
@@ -314,9 +269,12 @@ class Search:
         analysis = analyze_channels(self.current, self.x, frozen_modules=frozen_modules(self.current))
         groups = analysis.prunable_groups()
         cands, skipped = [], []
+        if self.boards > 1:  # every group's probes together, the rounds timed on the boards at once
+            bar.set_postfix_str(f"step {index}: {len(groups)} groups on {self.boards} boards")
+            outcomes = iter(propose_all(self, groups, aim))
         for g in groups:
             bar.set_postfix_str(f"step {index}: {g.describe(limit=2)}")
-            cand, why = self.propose(g, aim)
+            cand, why = next(outcomes) if self.boards > 1 else self.propose(g, aim)
             if cand is None:
                 skipped.append(f"{g.describe(limit=2)}: {why}")
                 continue
@@ -468,6 +426,9 @@ def _report(ctx, search: Search, stop: str, final_latency, retimed, baselines, i
              + (f", accuracy {search.accuracy:.4f} (started at {search.start_accuracy:.4f})"
                 if search.accuracy is not None else f", output error {search.error:.3g}")
              + f"; timings measured {ctx.timings.measured}, reused {ctx.timings.reused}")
+    if search.boards > 1:
+        ctx.note(f"{search.boards} boards measured the candidates: {len(search.batch_sizes)} batch(es) of "
+                 f"{', '.join(map(str, search.batch_sizes)) or '-'} graph(s), each timed on the boards at once")
     if stop != "budget":
         ctx.warn(f"latency budget {search.target_ms:.4g} ms not reached ({final_latency.median_ms:.4g} ms): "
                  f"{STOPS[stop]}")
@@ -489,8 +450,11 @@ def _report(ctx, search: Search, stop: str, final_latency, retimed, baselines, i
                   "retimed_ms": None if retimed is None else retimed.median_ms,
                   "retimed_spread_ms": None if retimed is None else _finite(retimed.spread_ms)},
         "timings": {"measured": ctx.timings.measured, "reused": ctx.timings.reused},
+        "boards": search.boards,
         "uniform": baselines.get("uniform", []),
     }
+    if search.boards > 1:
+        ctx.data["search"]["batches"] = list(search.batch_sizes)
     if "macs" in baselines:
         ctx.data["search"]["macs"] = baselines["macs"]
     if int8 is not None:

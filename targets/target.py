@@ -25,7 +25,7 @@ import logging
 import shutil
 import time
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from graphopt.analysis.signature import structure_signature
 from graphopt.errors import TargetError
@@ -302,6 +302,23 @@ class Target:
 
         return check_whole_model(self, gm, example_inputs, compiled, tune_trials=tune_trials,
                                  progress=progress, log=logger)
+
+    def boards(self) -> int:
+        """Devices that can time graphs at once: the tracker's servers under ``key`` (asked now);
+        1 for a local, a direct-RPC or an emulated target (the target protocol's ``boards``)."""
+        if not self.tracker:
+            return 1
+        from .boards import tracker_boards
+
+        return tracker_boards(self.tracker, self.key)
+
+    def benchmark_graphs(self, gms: Sequence, example_inputs: Sequence, *, tune_trials: Optional[int] = None,
+                         budget_s: float = 2.0) -> List[Any]:
+        """:meth:`benchmark_graph` of each graph, in order: behind a tracker with several boards,
+        built one by one and timed on the boards at once (:func:`graphopt.targets.boards.benchmark_many`)."""
+        from .boards import benchmark_many
+
+        return benchmark_many(self, gms, example_inputs, tune_trials, budget_s)
 
     def measure_latency(self, gm, example_inputs: Sequence, *, repeat: Optional[int] = None,
                         budget_s: float = 2.0, tune_trials: Optional[int] = None) -> float:

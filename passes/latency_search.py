@@ -427,8 +427,9 @@ def _report(ctx, search: Search, stop: str, final_latency, retimed, baselines, i
                 if search.accuracy is not None else f", output error {search.error:.3g}")
              + f"; timings measured {ctx.timings.measured}, reused {ctx.timings.reused}")
     if search.boards > 1:
-        ctx.note(f"{search.boards} boards measured the candidates: {len(search.batch_sizes)} batch(es) of "
-                 f"{', '.join(map(str, search.batch_sizes)) or '-'} graph(s), each timed on the boards at once")
+        ctx.note(f"{search.boards} boards measured the candidates: {len(search.batch_sizes)} batch(es) of probes "
+                 f"(graphs per batch: {', '.join(map(str, search.batch_sizes)) or '-'}), the new structures "
+                 f"of each timed on the boards at once")
     if stop != "budget":
         ctx.warn(f"latency budget {search.target_ms:.4g} ms not reached ({final_latency.median_ms:.4g} ms): "
                  f"{STOPS[stop]}")

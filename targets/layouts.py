@@ -9,13 +9,22 @@ way to close the gap on x86).
 
 Two pieces, run before legalization:
 
-* :func:`blocked_layout_pass`: Relax ``ConvertLayout`` with a callback choosing, per
-  conv, the largest block <= the target's vector lanes that divides both channel counts
-  (of one group, for grouped convs; convs with no such block stay NCHW), or one block for
-  the whole model when TVM's layout inference rejects mixed blocks. The layout then
-  propagates through bias adds, activations, residual adds and pooling, so transforms
-  appear only where a layout-agnostic op (mean, flatten, Linear) needs NCHW back. Weight
-  transforms depend on weights only and are lifted out at build time.
+* :func:`blocked_layout_pass`: Relax ``ConvertLayout`` with a callback giving every tensor
+  a block chosen by its channel count (:func:`channel_blocks`: the largest block <= the
+  target's vector lanes dividing it, and a group of every grouped conv it feeds or leaves),
+  so a conv may read one block and write another (MobileNetV2's 24-channel projections:
+  NCHW16c in, NCHW8c out) and no block ever meets another; or one block for the whole model
+  when TVM's layout inference rejects even that. The layout then propagates through bias
+  adds, activations, residual adds and pooling, so transforms appear only where a
+  layout-agnostic op (mean, flatten, Linear) needs NCHW back. Weight transforms depend on
+  weights only and are lifted out at build time.
+
+  Why per tensor, not per conv: TVM 0.27's ``ConvertLayout`` treats a conversion between
+  two layouts of the same rank as a transpose (``RewriteExpr`` -> ``TransposeLike``), and
+  a change of block (NCHW16c -> NCHW8c, both rank 5) is not one: it fails on the split axis
+  with "Invalid layout axis 8b" (``b`` is the channel axis in its internal ABCD naming).
+  A block chosen per conv (dividing both its channel counts) needs such a change wherever
+  two convs choose differently, which was every MobileNetV2.
 * :func:`legalize_map`: lowers blocked ``conv2d`` to graphopt's own NCHWc compute
   definitions (Relax's legalization refuses blocked layouts; TOPI's ``conv2d_NCHWc``
   indexes the input channel with div/mod, which tuned to 27 GFLOP/s where these reached
@@ -30,7 +39,8 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-__all__ = ["blocked_layout_pass", "choose_block", "clip_as_min_max", "legalize_map", "uniform_block"]
+__all__ = ["blocked_layout_pass", "channel_blocks", "choose_block", "clip_as_min_max", "legalize_map",
+           "uniform_block"]
 
 MIN_BLOCK = 4
 
@@ -52,15 +62,12 @@ def _conv_block(call, lanes: int) -> Tuple[int, bool]:
     block straddles two groups: ResNeXt's 4-channel groups run in NCHW4c, RegNet's 8-channel
     ones in NCHW8c; groups of fewer than 4 channels keep NCHW (TVM's grouped conv).
     """
-    weight_shape = [int(s) for s in call.args[1].ty.shape]
-    data_shape = [int(s) for s in call.args[0].ty.shape]
-    if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or len(data_shape) != 4:
+    c_in, c_out, groups = _channels(call)
+    if c_in is None:
         return 0, False
-    c_out, c_in_per_group = weight_shape[0], weight_shape[1]
-    c_in, groups = data_shape[1], int(call.attrs.groups)
     if groups == 1:
         return choose_block(c_in, c_out, lanes), False
-    if groups == c_in == c_out and c_in_per_group == 1:
+    if groups == c_in == c_out:
         return choose_block(c_in, c_out, lanes), True
     return choose_block(c_in // groups, c_out // groups, lanes), False
 
@@ -95,6 +102,56 @@ def _conv_calls(mod):
                     yield value
 
 
+def channel_blocks(mod, lanes: int) -> Dict[int, int]:
+    """Block of every tensor of ``mod``'s convs, by channel count (0: NCHW), see the module doc.
+
+    Keyed by channel count, so the two sides of a residual add, and a conv's output and the
+    next conv's input, always agree. A grouped conv lowers the block of its input and output
+    counts to one dividing a group (ResNeXt's 4-channel groups: NCHW4c around them only);
+    groups too narrow for any block keep the grouped conv NCHW and constrain nothing.
+    """
+    blocks: Dict[int, int] = {}
+
+    def lower(channels: int, block: int) -> None:
+        blocks[channels] = min(blocks.get(channels, block), block)
+
+    for call in _conv_calls(mod):
+        c_in, c_out, groups = _channels(call)
+        if c_in is None:
+            continue
+        lower(c_in, choose_block(c_in, c_in, lanes))
+        lower(c_out, choose_block(c_out, c_out, lanes))
+        if groups > 1 and choose_block(c_in // groups, c_out // groups, lanes):
+            lower(c_in, choose_block(c_in // groups, c_in // groups, lanes))
+            lower(c_out, choose_block(c_out // groups, c_out // groups, lanes))
+    return blocks
+
+
+def _channels(call):
+    """(c_in, c_out, groups) of an NCHW/OIHW 2-d conv call, else (None, None, None)."""
+    data_shape = [int(s) for s in call.args[0].ty.shape]
+    if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or len(data_shape) != 4:
+        return None, None, None
+    return data_shape[1], int(call.args[1].ty.shape[0]), int(call.attrs.groups)
+
+
+def _tensor_block_layouts(call, blocks: Dict[int, int], narrow_inputs: bool):
+    """``[data, kernel, output]`` layouts of a conv whose tensors take ``blocks``' blocks."""
+    c_in, c_out, groups = _channels(call)
+    if c_in is None:
+        return ["NCHW", "OIHW"]
+    b_in, b_out = blocks.get(c_in, 0), blocks.get(c_out, 0)
+    if narrow_inputs and b_out and groups == 1 and c_in < MIN_BLOCK:
+        return [f"NCHW{c_in}c", f"OIHW{c_in}i{b_out}o", f"NCHW{b_out}c"]  # the stem
+    if not b_in or not b_out:
+        return ["NCHW", "OIHW"]
+    if groups == c_in == c_out and b_in == b_out:  # depthwise: one block in and out
+        return [f"NCHW{b_in}c", f"OIHW1i{b_in}o", f"NCHW{b_in}c"]
+    if groups > 1 and ((c_in // groups) % b_in or (c_out // groups) % b_out):
+        return ["NCHW", "OIHW"]  # a block would straddle two groups
+    return [f"NCHW{b_in}c", f"OIHW{b_in}i{b_out}o", f"NCHW{b_out}c"]
+
+
 def uniform_block(mod, lanes: int) -> int:
     """The block every blockable conv of ``mod`` can share (powers of two: the smallest)."""
     blocks = [b for b, _ in (_conv_block(c, lanes) for c in _conv_calls(mod)) if b]
@@ -107,8 +164,9 @@ def blocked_layout_pass(lanes: int, uniform: bool = False, narrow_inputs: bool =
     Args:
         lanes: the largest block (the target's fp32 vector lanes).
         uniform: one block for the whole module (the largest all convs share), instead of
-            the largest per conv: no block-to-block conversions, and TVM's layout inference
-            accepts graphs where mixed blocks meet (it rejects some, e.g. MobileNetV2's).
+            one per channel count (:func:`channel_blocks`): the fallback for graphs where
+            tensors of different channel counts still meet in one op (a concat feeding a
+            conv, whose output block then differs from the conv's input block).
         narrow_inputs: block convs with 1-3 input channels too (see :func:`_narrow_input_block`).
     """
     import tvm
@@ -117,10 +175,13 @@ def blocked_layout_pass(lanes: int, uniform: bool = False, narrow_inputs: bool =
     @tvm.transform.module_pass(opt_level=0, name="graphopt.BlockedConvLayouts")
     def transform(mod, _ctx):
         limit = uniform_block(mod, lanes) if uniform else lanes
+        blocks = {} if uniform else channel_blocks(mod, lanes)
 
         def layout_cb(call):
             if getattr(call.op, "name", None) != "relax.nn.conv2d":
                 return {}
+            if not uniform:
+                return {"relax.nn.conv2d": _tensor_block_layouts(call, blocks, narrow_inputs)}
             block, depthwise = _conv_block(call, limit) if limit else (0, False)
             c_in, out_block = _narrow_input_block(call, limit) if limit and narrow_inputs else (0, 0)
             if not block and out_block:

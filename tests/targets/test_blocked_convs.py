@@ -109,9 +109,9 @@ def test_the_depthwise_task_names_the_rule_and_its_space_is_the_pixel_tile():
 
 class Grouped(nn.Module):
     """A grouped conv between two 1x1 convs (ResNeXt's and RegNet's block), so its layout is
-    the blocked one the dense convs around it propagate. TVM's layout inference rejects mixed
-    blocks here, so the whole model gets the block of its narrowest conv (``uniform_block``):
-    8 with 8 ``outer`` channels."""
+    the blocked one the dense convs around it propagate. Blocks go by channel count
+    (``layouts.channel_blocks``): the ``outer`` values take their own block, the inner ones the
+    largest that divides both their count and a group."""
 
     def __init__(self, channels, groups, kernel=3, stride=1, dilation=1, outer=8):
         super().__init__()
@@ -127,7 +127,7 @@ class Grouped(nn.Module):
 GROUPED_CASES = [  # channels, groups, kernel, stride, dilation, outer channels, input size
     (64, 8, 3, 1, 1, 8, 14),     # 8 channels per group: NCHW8c, one block per group
     (128, 4, 3, 2, 1, 16, 15),   # 32 per group: NCHW16c, two blocks per group (channel tiles 1, 2); stride 2
-    (128, 4, 3, 1, 1, 8, 10),    # 32 per group in NCHW8c: four blocks per group (channel tiles 1, 2, 4)
+    (128, 2, 3, 1, 1, 8, 10),    # 64 per group in NCHW16c: four blocks per group (channel tiles 1, 2, 4)
     (128, 32, 3, 1, 1, 8, 9),    # ResNeXt's 4 per group: NCHW4c
     (48, 2, 1, 1, 1, 8, 10),     # 24 per group (RegNet): NCHW8c, three blocks per group
     (64, 4, 5, 1, 1, 16, 12),    # 5x5, 16 per group: NCHW16c

@@ -399,21 +399,29 @@ def test_relu6_keeps_the_blocked_layout_and_fuses(x86):
         assert rel_error(compiled(x), gm(x)) < 1e-4
 
 
-def test_mixed_blocks_fall_back_to_one_block_for_the_model():
-    from tvm import relax
+class ConcatIntoConv(nn.Module):
+    """24 + 8 channels (NCHW8c each) concatenated into a 32-channel conv, whose input block
+    by channel count is 16: a change of block TVM's ConvertLayout cannot make."""
 
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(16, 24, 1), nn.Conv2d(16, 8, 1), nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_blocks_that_meet_in_a_concat_fall_back_to_one_block_for_the_model(caplog):
     from graphopt.targets.layouts import uniform_block
-    from graphopt.targets.pipeline import prepare
 
-    model = nn.Sequential(nn.Conv2d(16, 24, 1), nn.ReLU(), nn.Conv2d(24, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
-    gm, x = torch.fx.symbolic_trace(model.eval()), torch.randn(1, 16, 6, 6)
+    gm, x = torch.fx.symbolic_trace(ConcatIntoConv().eval()), torch.randn(1, 16, 6, 6)
     x86 = graphopt.get_target("x86")
-    low = x86.lower(gm, (x,))
-    assert uniform_block(low.mod, 16) == 8
-    prepared = prepare(low.mod, x86.tvm(), layout_block=16)
-    assert isinstance(prepared["main"], relax.Function)
-    with x86.replace(layout_block=16).compile(gm, (x,)) as compiled:
+    assert uniform_block(x86.lower(gm, (x,)).mod, 16) == 8
+    with caplog.at_level(logging.INFO, logger="graphopt"), x86.replace(layout_block=16).compile(gm, (x,)) as compiled:
         assert rel_error(compiled(x), gm(x)) < 1e-4
+        ir = compiled.ir()
+    assert "(per-conv blocks) not applied" in caplog.text and "(uniform blocks) not applied" not in caplog.text
+    assert "T.int64(1), T.int64(4), T.int64(6), T.int64(6), T.int64(8))" in ir  # the conv's input: NCHW8c
 
 
 def test_x86_default_layout_follows_the_vector_width(x86):

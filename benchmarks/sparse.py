@@ -213,21 +213,22 @@ def main(argv=None) -> int:
     configure(args.threads, args.quiet)
     target = graphopt.get_target("x86").replace(num_threads=args.threads, cache_dir=args.cache_dir)
     started = time.perf_counter()
-    parts = []
+    parts = {}  # docs marker -> table: the layer and whole-model tables can be re-measured apart
     if not args.no_layers:
-        parts.append(layer_table(target, args))
+        parts["sparse-benchmark"] = layer_table(target, args)
     if args.model:
-        parts.append(model_table(target, args))
+        parts["sparse-model-benchmark"] = model_table(target, args)
     info = machine()  # after the work: its load average says how quiet the run was
     note = (f"Measured {datetime.date.today()} on {info['cpu']} ({info['cores']} cores, LLVM mcpu {info['mcpu']}), "
             f"{args.threads} threads for every engine, batch 1, block ({args.block}, 1), median of {args.repeat} "
             f"runs per layer variant, in one process; torch {info['torch']}, ONNX Runtime {info['onnxruntime']}, "
             f"TVM {info['tvm']}; load average at the end {info['load']}; {time.perf_counter() - started:.0f} s in all. "
             "Effective GFLOP/s of the sparse kernel count the dense layer's FLOPs.")
-    text = note + "\n\n" + "\n\n".join(parts)
-    print(text)
-    if not args.no_docs:
-        print("written to", write_block("prune_weights.md", text, marker="sparse-benchmark"))
+    for marker, table in parts.items():
+        text = note + "\n\n" + table
+        print(text)
+        if not args.no_docs:
+            print("written to", write_block("prune_weights.md", text, marker=marker))
     return 0
 
 

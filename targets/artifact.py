@@ -123,8 +123,19 @@ def _versions() -> Dict[str, str]:
             "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
+#: weights with at least this fraction of exact zeros are stored deflated (np.savez_compressed)
+DEFLATE_ZEROS = 0.25
+
+
 def _save_params(path: Path, params: Sequence[np.ndarray]) -> None:
-    np.savez(path, **{f"p{i:04d}": np.ascontiguousarray(p) for i, p in enumerate(params)})
+    """The weights as ``.npz``; deflated when many are exactly zero (a weight-pruned model whose
+    layers run dense still gets a small artifact: zlib stores a zero in a few bits), plain
+    otherwise (dense float weights barely deflate, and compressing them costs seconds)."""
+    arrays = {f"p{i:04d}": np.ascontiguousarray(p) for i, p in enumerate(params)}
+    total = sum(a.size for a in arrays.values())
+    zeros = sum(a.size - np.count_nonzero(a) for a in arrays.values())
+    save = np.savez_compressed if total and zeros >= DEFLATE_ZEROS * total else np.savez
+    save(path, **arrays)
 
 
 def _sparse_summary(layers: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -232,6 +232,32 @@ def test_artifact_is_smaller_and_round_trips(pruned, tmp_path):
         assert json.loads((sparse_dir / "manifest.json").read_text())["sparse_layers"] == again.manifest["sparse_layers"]
 
 
+def test_a_pruned_model_built_dense_still_saves_a_small_artifact(monkeypatch, tmp_path):
+    """Layers kept dense (sparse timed slower) keep their zeros: the weights are stored deflated,
+    so the artifact shrinks with the sparsity anyway, and it loads back to the same outputs."""
+    choice.clear_decisions()
+    monkeypatch.setattr(choice, "time_layer", lambda target, spec, sparse, **kw: 2.0 if sparse else 1.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 256, 1), nn.ReLU(),
+                          nn.Conv2d(256, 256, 1), nn.ReLU(), nn.Conv2d(256, 8, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    sizes = {}
+    for sparsity in (0.0, 0.9):
+        passes = [("prune_weights", {"sparsity": sparsity, "scope": "layer"})] if sparsity else []
+        opt = graphopt.optimize(model, passes, "x86", example_inputs=(x,), progress=False, measure_latency=False)
+        try:
+            assert all(r["kernel"] == "dense" for r in opt.compiled.manifest.get("sparse_layers") or [])
+            path = opt.compiled.save(tmp_path / f"m{sparsity}")
+            sizes[sparsity] = (path / "params.npz").stat().st_size
+            again = graphopt.load(path)
+            assert torch.equal(torch.as_tensor(again(x)), torch.as_tensor(opt.compiled(x)))
+            again.close()
+        finally:
+            opt.compiled.close()
+    assert sizes[0.9] < 0.3 * sizes[0.0], sizes
+    choice.clear_decisions()
+
+
 def test_a_whole_model_slower_with_sparse_layers_is_built_dense(monkeypatch):
     import types
 

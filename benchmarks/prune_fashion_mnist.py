@@ -12,7 +12,6 @@ written for the full test set). Takes a few minutes per configuration on 2 CPU c
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -23,6 +22,7 @@ from graphopt.data import calibration_batches, fashion_mnist_batches
 from graphopt.models import default_example_inputs, evaluate_accuracy, load_default_model
 
 from _docs import write_block
+from _fashion import chosen, recovery_parser
 
 #: (label, pipeline before distill): fuse BN first (what a deployment pipeline does), then prune
 CONFIGS = [
@@ -67,17 +67,10 @@ def table(rows, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=2, help="distillation epochs over the train split")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (keep <= the cores you may use)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
-    p.add_argument("--configs", default=None, help="comma-separated indices into CONFIGS (default: all)")
-    p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/pruning.md")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = recovery_parser(__doc__, "pruning.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    configs = CONFIGS if args.configs is None else [CONFIGS[int(i)] for i in args.configs.split(",")]
+    configs = chosen(CONFIGS, args.configs)
     model = load_default_model()
     train = fashion_mnist_batches("train", batch_size=128)  # (images, labels): labels are ignored
     calib = calibration_batches(8, batch_size=64)  # for the taylor importance
